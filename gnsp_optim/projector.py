@@ -1,0 +1,135 @@
+r"""The projector as data, and how it applies to a layer's weight matrix.
+
+For a weight ``W`` (``rows x d``) whose input ``x`` is ``d``-dimensional, an update ``dW`` leaves
+``W x`` unchanged for every old input exactly when ``dW`` kills the occupied subspace. With an orthonormal
+basis ``U`` (``d x k``) of that subspace and ``N`` (``d x (d-k)``) of its complement, the projection is
+
+    ``dW P  =  dW - (dW U) U^T  =  (dW N) N^T``.
+
+Both forms are exact; the cheaper one stores and multiplies by the smaller basis, so a projector keeps
+``U`` when ``k <= d - k`` and ``N`` otherwise (memory ``d * min(k, d-k)``). A layer may have ``G`` groups
+(grouped convolutions, the q/k/v rows of attention) with their own bases; bases of different width are
+zero-padded, which changes neither form.
+
+A protected bias is the weight of a constant-1 input: the basis then has ``d + 1`` rows and the last one
+belongs to the bias, so ``[dW | db]`` is projected as one matrix without ever concatenating it.
+
+Example:
+    >>> import torch
+    >>> U = torch.eye(3)[:, :1].unsqueeze(0)            # occupied: the first input coordinate
+    >>> proj = Projector.from_bases(kept=U, null=torch.eye(3)[:, 1:].unsqueeze(0), ranks=[1])
+    >>> proj.apply(torch.ones(1, 2, 3))[0][0, 0].tolist()
+    [0.0, 1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Projector", "project_reference"]
+
+
+@dataclass
+class Projector:
+    """Either the occupied basis (``form="kept"``) or the null basis (``form="null"``) of each group.
+
+    ``basis`` is ``(G, d, r)`` with orthonormal (or zero-padded) columns; ``kept_ranks[g]`` is the number of
+    occupied directions of group ``g``; ``dim`` the input dimension ``d`` (bias column included when protected).
+    """
+
+    form: str
+    basis: torch.Tensor
+    kept_ranks: list[int]
+    dim: int
+    eigenvalues: torch.Tensor | None = None  # (G, d) descending, for reports; optional
+
+    @classmethod
+    def from_bases(cls, kept: torch.Tensor, null: torch.Tensor, ranks: list[int]) -> Projector:
+        """Choose the cheaper of two equivalent bases (see the module docstring).
+
+        ``kept`` and ``null`` are ``(G, d, *)``; group ``g`` uses the first ``ranks[g]`` columns of ``kept``
+        and the first ``d - ranks[g]`` columns of ``null``.
+
+        Example:
+            >>> p = Projector.from_bases(torch.eye(4)[None, :, :3], torch.eye(4)[None, :, 3:], [3])
+            >>> p.form, tuple(p.basis.shape)
+            ('null', (1, 4, 1))
+        """
+        d = kept.shape[-2]
+        width_kept = max(ranks, default=0)
+        width_null = max((d - k for k in ranks), default=0)
+        if width_kept <= width_null:
+            form, src, widths = "kept", kept, list(ranks)
+        else:
+            form, src, widths = "null", null, [d - k for k in ranks]
+        width = max(widths, default=0)
+        basis = src.new_zeros(src.shape[0], d, width)
+        for g, w in enumerate(widths):
+            basis[g, :, :w] = src[g, :, :w]
+        return cls(form=form, basis=basis.contiguous(), kept_ranks=list(ranks), dim=d)
+
+    @property
+    def is_identity(self) -> bool:
+        """Nothing is occupied: every update passes unchanged."""
+        return all(k == 0 for k in self.kept_ranks)
+
+    @property
+    def is_zero(self) -> bool:
+        """Everything is occupied: the layer is frozen."""
+        return all(k == self.dim for k in self.kept_ranks)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored basis."""
+        return self.basis.numel() * self.basis.element_size()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Projector:
+        """A copy of the projector on another device / dtype (the ranks are unchanged)."""
+        return Projector(self.form, self.basis.to(device=device, dtype=dtype), list(self.kept_ranks), self.dim,
+                         self.eigenvalues)
+
+    def apply(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Project ``[weight | bias]`` onto the null space; returns new tensors of the same shapes.
+
+        ``weight`` is ``(G, rows, d_w)`` and ``bias`` ``(G, rows, 1)`` or None, with ``d_w (+1) == dim``.
+
+        Example:
+            >>> p = Projector.from_bases(torch.eye(2)[None, :, :1], torch.eye(2)[None, :, 1:], [1])
+            >>> p.apply(torch.tensor([[[2.0, 3.0]]]))[0].tolist()
+            [[[0.0, 3.0]]]
+        """
+        basis = self.basis.to(weight.dtype)
+        dw = weight.shape[-1]
+        if dw + (0 if bias is None else 1) != self.dim:
+            raise ValueError(f"projector of dimension {self.dim} cannot act on a weight with {dw} inputs"
+                             f"{'' if bias is None else ' plus a bias'}")
+        b_w = basis[:, :dw, :]
+        coef = torch.bmm(weight, b_w)
+        if bias is not None:
+            b_b = basis[:, dw:, :]
+            coef = coef + torch.bmm(bias, b_b)
+        if self.form == "kept":
+            new_w = weight - torch.bmm(coef, b_w.transpose(1, 2))
+            new_b = None if bias is None else bias - torch.bmm(coef, b_b.transpose(1, 2))
+        else:
+            new_w = torch.bmm(coef, b_w.transpose(1, 2))
+            new_b = None if bias is None else torch.bmm(coef, b_b.transpose(1, 2))
+        return new_w, new_b
+
+
+def project_reference(matrix: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
+    """Slow, obvious projection used by the tests: ``matrix @ (I - U U^T)`` with a dense ``d x d`` projector.
+
+    ``matrix`` is ``(rows, d)`` (bias already appended as a column), ``occupied`` the ``(d, k)`` basis.
+
+    Example:
+        >>> project_reference(torch.ones(1, 2), torch.tensor([[1.0], [0.0]])).tolist()
+        [[0.0, 1.0]]
+    """
+    d = matrix.shape[-1]
+    dense = torch.eye(d, dtype=matrix.dtype) - occupied @ occupied.T
+    return matrix @ dense

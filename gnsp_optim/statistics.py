@@ -1,0 +1,206 @@
+r"""Per-layer input statistics: the uncentred covariance of what each protected weight sees.
+
+For inputs ``X`` (``n x d``) the statistic is the augmented Gram matrix of ``[X | 1]``::
+
+    [[X^T X,  X^T 1],
+     [1^T X,  n    ]]
+
+so a protected bias (the weight of the constant-1 column) needs nothing extra; when the bias is not
+protected the top-left ``d x d`` block is used alone. Accumulation always runs in ``dtype`` (float32 or
+wider) with autocast switched off, whatever precision the forward pass uses.
+
+How a task's sums become memory (``normalize``):
+
+- ``"mean"`` (default): the task's covariance ``S / n``, so every task weighs the same whatever its size;
+- ``"sum"``: the plain sums ``S``;
+- ``"frobenius"``: the public GNSP code's rule: each batch's Gram matrix divided by its Frobenius norm,
+  the task's total divided by its Frobenius norm (both measured on the ``X^T X`` block).
+
+Example:
+    >>> import torch
+    >>> st = CovarianceStat("fc", dim=2)
+    >>> st.update(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    >>> st.task_sum[0].tolist()
+    [[1.0, 0.0, 1.0], [0.0, 4.0, 2.0], [1.0, 2.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CovarianceStat", "conv_patches", "conv_patches_reference", "NORMALIZE_MODES"]
+
+NORMALIZE_MODES = ("mean", "sum", "frobenius")
+
+
+class CovarianceStat:
+    """Running ``[X | 1]^T [X | 1]`` of one layer input, for ``groups`` independent groups.
+
+    ``task_sum`` holds the current task's collection (allocated on first use, freed by :meth:`fold`);
+    ``memory`` holds the normalised sum over all finished tasks.
+    """
+
+    def __init__(self, name: str, dim: int, groups: int = 1, dtype: torch.dtype = torch.float32,
+                 normalize: str = "mean") -> None:
+        if normalize not in NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"statistics accumulate in float32 or float64, got {dtype}")
+        self.name, self.dim, self.groups, self.dtype, self.normalize = name, dim, groups, dtype, normalize
+        self.task_sum: torch.Tensor | None = None
+        self.task_count = 0  # rows seen this task (per group)
+        self.task_batches = 0
+        self.memory: torch.Tensor | None = None
+        self.tasks_folded = 0
+
+    def _buffer(self, device: torch.device) -> torch.Tensor:
+        if self.task_sum is None:
+            d = self.dim + 1
+            self.task_sum = torch.zeros(self.groups, d, d, dtype=self.dtype, device=device)
+        return self.task_sum
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, group: int | None = None) -> None:
+        """Add inputs ``x``: ``(n, d)`` (the same rows for every group, or for ``group`` alone) or ``(G, n, d)``."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.detach().to(self.dtype)
+            if x.dim() == 2:
+                x = x.unsqueeze(0)
+            if x.shape[-1] != self.dim or x.shape[0] not in (1, self.groups):
+                raise ValueError(f"{self.name}: expected inputs (..., {self.dim}) for {self.groups} group(s), "
+                                 f"got {tuple(x.shape)}")
+            n = x.shape[1]
+            if n == 0:
+                return
+            buf = self._buffer(x.device)
+            if group is not None:
+                buf = buf[group : group + 1]
+            d = self.dim
+            gram = torch.bmm(x.transpose(1, 2), x)  # (1 or G, d, d): one GEMM per group
+            col = x.sum(dim=1)  # (1 or G, d)
+            count = torch.full((x.shape[0],), float(n), dtype=self.dtype, device=x.device)
+            if self.normalize == "frobenius":
+                scale = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(self.dtype).tiny).reciprocal()
+                gram, col, count = gram * scale[:, None, None], col * scale[:, None], count * scale
+            buf[:, :d, :d] += gram
+            buf[:, :d, d] += col
+            buf[:, d, :d] += col
+            buf[:, d, d] += count
+            self.task_count += n
+            self.task_batches += 1
+
+    @property
+    def seen(self) -> bool:
+        """Whether any input reached this statistic during the current collection."""
+        return self.task_batches > 0
+
+    def task_is_finite(self) -> bool:
+        """False when a NaN or Inf reached the current collection."""
+        return self.task_sum is None or bool(torch.isfinite(self.task_sum).all())
+
+    def all_reduce_(self) -> None:
+        """Sum the current collection over all processes of the default ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        if self.task_sum is None:
+            self.task_sum = torch.zeros(self.groups, self.dim + 1, self.dim + 1, dtype=self.dtype,
+                                        device=self.memory.device if self.memory is not None else "cpu")
+        counts = torch.tensor([float(self.task_count), float(self.task_batches)], dtype=torch.float64,
+                              device=self.task_sum.device)
+        dist.all_reduce(self.task_sum)
+        dist.all_reduce(counts)
+        self.task_count, self.task_batches = int(counts[0]), int(counts[1])
+
+    def task_contribution(self) -> torch.Tensor:
+        """The current collection normalised as ``normalize`` says (without touching any state)."""
+        assert self.task_sum is not None and self.task_count > 0
+        if self.normalize == "mean":  # per group: divide by its own row count (the constant-1 entry)
+            d = self.dim
+            return self.task_sum / self.task_sum[:, d : d + 1, d : d + 1].clamp_min(1.0)
+        if self.normalize == "frobenius":
+            d = self.dim
+            norm = torch.linalg.matrix_norm(self.task_sum[:, :d, :d]).clamp_min(torch.finfo(self.dtype).tiny)
+            return self.task_sum / norm[:, None, None]
+        return self.task_sum.clone()
+
+    def fold(self) -> None:
+        """Add the current collection to the memory of earlier tasks and clear the collection."""
+        if self.seen:
+            contribution = self.task_contribution()
+            self.memory = contribution if self.memory is None else self.memory + contribution.to(self.memory)
+            self.tasks_folded += 1
+        self.clear_task()
+
+    def clear_task(self) -> None:
+        """Forget the current collection (memory of earlier tasks is kept)."""
+        self.task_sum, self.task_count, self.task_batches = None, 0, 0
+
+    def block(self, with_bias: bool) -> torch.Tensor | None:
+        """The memory restricted to the weight inputs (``with_bias=False``) or with the constant-1 column."""
+        if self.memory is None:
+            return None
+        return self.memory if with_bias else self.memory[:, : self.dim, : self.dim]
+
+
+def conv_patches(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The patches a ``Conv1d`` / ``Conv2d`` multiplies its weight with: ``(G, n_patches, C/G * prod(k))``.
+
+    Padding (any ``padding_mode``, string paddings included), stride and dilation are applied exactly as the
+    convolution applies them; the feature order matches ``weight.view(out, -1)``.
+
+    Example:
+        >>> conv = torch.nn.Conv2d(2, 4, 3, padding=1, groups=2)
+        >>> tuple(conv_patches(conv, torch.randn(5, 2, 6, 6)).shape)
+        (2, 180, 9)
+    """
+    spatial = len(module.kernel_size)
+    if x.dim() == spatial + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    if spatial == 1:
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*k, L)
+    groups = module.groups
+    n, ck, length = cols.shape
+    cols = cols.view(n, groups, ck // groups, length).permute(1, 0, 3, 2)
+    return cols.reshape(groups, n * length, ck // groups)
+
+
+def conv_patches_reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Slow, obvious twin of :func:`conv_patches`: reads each patch out of ``x`` with explicit loops.
+
+    Only for zero padding with integer ``padding`` (what the tests compare on). Example:
+        >>> conv = torch.nn.Conv1d(1, 1, 2)
+        >>> conv_patches_reference(conv, torch.arange(3.0).view(1, 1, 3)).tolist()
+        [[[0.0, 1.0], [1.0, 2.0]]]
+    """
+    spatial = len(module.kernel_size)
+    if x.dim() == spatial + 1:
+        x = x.unsqueeze(0)
+    if spatial == 1:
+        x = x.unsqueeze(2)
+        k, s, dil, p = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation), (0, *module.padding)
+    else:
+        k, s, dil, p = module.kernel_size, module.stride, module.dilation, module.padding
+    x = F.pad(x, (p[1], p[1], p[0], p[0]))
+    n, c, h, w = x.shape
+    g = module.groups
+    cg = c // g
+    out_h = (h - dil[0] * (k[0] - 1) - 1) // s[0] + 1
+    out_w = (w - dil[1] * (k[1] - 1) - 1) // s[1] + 1
+    rows: list[list[torch.Tensor]] = [[] for _ in range(g)]
+    for gi in range(g):
+        for b in range(n):
+            for i in range(out_h):
+                for j in range(out_w):
+                    patch = [x[b, gi * cg + ch, i * s[0] + a * dil[0], j * s[1] + e * dil[1]]
+                             for ch in range(cg) for a in range(k[0]) for e in range(k[1])]
+                    rows[gi].append(torch.stack(patch))
+    return torch.stack([torch.stack(r) for r in rows])
