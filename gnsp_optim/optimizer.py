@@ -11,13 +11,22 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from .projector import Projector
-from .selection import Block, FeatureSource, clean_name, discover_blocks, install_hooks, select_blocks, unwrap_model
+from .selection import (
+    Block,
+    FeatureSource,
+    clean_name,
+    discover_blocks,
+    install_hooks,
+    select_blocks,
+    unwrap_model,
+)
 from .statistics import NORMALIZE_MODES
 from .subspace import RankRule, TailEnergy, eigh_descending
 
@@ -26,8 +35,9 @@ __all__ = ["NullSpaceOptimizer", "FORMAT_VERSION"]
 FORMAT_VERSION = 1
 MODES = ("grad", "update")
 UNCOVERED = ("freeze", "train", "raise")
-#: optimizer-state entries that are linear in past gradients: projected onto the new null space at end_task
-LINEAR_STATE_KEYS = ("momentum_buffer", "exp_avg", "grad_avg")
+#: optimizer-state entries that are linear in past gradients: projected onto the new null space at end_task.
+#: (Centred RMSprop's ``grad_avg`` is linear too but must stay below ``square_avg``; it is left alone.)
+LINEAR_STATE_KEYS = ("momentum_buffer", "exp_avg")
 
 
 class NullSpaceOptimizer(torch.optim.Optimizer):
@@ -62,7 +72,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         stats_dtype: accumulation (and eigendecomposition) dtype of the statistics: ``torch.float32`` or
             ``torch.float64``; default float32, or float64 when the model has float64 parameters.
         project_state: at :meth:`end_task`, project the base optimizer's linear moment buffers
-            (``momentum_buffer``, ``exp_avg``, ``grad_avg``) onto the new null space so stale momentum cannot
+            (``momentum_buffer``, ``exp_avg``) onto the new null space so stale momentum cannot
             leak into old directions (default True).
         sync: all-reduce statistics over ``torch.distributed`` before :meth:`end_task` builds projectors
             (``None``: when a process group with more than one rank is initialised).

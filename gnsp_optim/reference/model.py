@@ -1,0 +1,352 @@
+r"""A compact CLIP (ViT image tower + causal text transformer) with OpenAI / open_clip parameter names.
+
+Parameter names match OpenAI CLIP and open_clip exactly (``visual.transformer.resblocks.0.mlp.c_fc.weight``,
+``visual.proj``, ``text_projection``, ...), so their checkpoints load with :func:`load_clip_state_dict` and
+the GNSP parameter selection (method.md sec. 1) addresses the same tensors in either implementation.
+
+Example:
+    >>> model = CLIP(CLIPConfig.tiny())
+    >>> img, txt, scale = model(torch.randn(2, 3, 32, 32), torch.randint(1, 999, (2, 16)))
+    >>> img.shape, txt.shape
+    (torch.Size([2, 64]), torch.Size([2, 64]))
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class CLIPConfig:
+    """Shape of a CLIP model.
+
+    Example:
+        >>> CLIPConfig.vit_b16().vision_width
+        768
+        >>> CLIPConfig.tiny(vision_layers=1).vision_layers
+        1
+    """
+
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    quick_gelu: bool = True
+
+    @classmethod
+    def vit_b16(cls) -> CLIPConfig:
+        """OpenAI CLIP ViT-B/16 (QuickGELU). Example: ``CLIP(CLIPConfig.vit_b16())``."""
+        return cls(512, 224, 16, 768, 12, 12, 77, 49408, 512, 12, 8)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> CLIPConfig:
+        """A few-thousand-parameter CLIP for tests and demos. Example: ``CLIPConfig.tiny(embed_dim=32)``."""
+        base = cls(embed_dim=64, image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2,
+                   context_length=16, vocab_size=1000, text_width=64, text_layers=2, text_heads=2)
+        return replace(base, **overrides)
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)``. Example: ``QuickGELU()(torch.ones(2))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))`` (batch-first).
+
+    Example:
+        >>> ResidualAttentionBlock(64, 2)(torch.randn(2, 5, 64)).shape
+        torch.Size([2, 5, 64])
+    """
+
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of :class:`ResidualAttentionBlock` under ``resblocks``.
+
+    Example:
+        >>> Transformer(64, 2, 2)(torch.randn(1, 3, 64)).shape
+        torch.Size([1, 3, 64])
+    """
+
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, attn_mask)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT: patchify (no bias), CLS + positions, ``ln_pre``, blocks, ``ln_post`` on CLS, ``@ proj``.
+
+    Example:
+        >>> VisionTransformer(32, 8, 64, 1, 2, 16)(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 16])
+    """
+
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, embed_dim: int,
+                 quick_gelu: bool = True) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        scale = width ** -0.5
+        grid = image_size // patch_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, quick_gelu)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(images.to(self.conv1.weight.dtype))  # (B, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+def _init_blocks(transformer: Transformer, width: int, layers: int) -> None:
+    # OpenAI CLIP's scheme: residual-branch outputs shrink with depth.
+    attn_std, proj_std, fc_std = width ** -0.5, (width ** -0.5) * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+
+class CLIP(nn.Module):
+    r"""CLIP with OpenAI / open_clip parameter names.
+
+    ``encode_image`` / ``encode_text`` return unnormalised ``(B, embed_dim)`` features; ``forward`` returns
+    ``(normalised image features, normalised text features, logit_scale.exp())``. Text features are taken at
+    the position of the largest token id (the EOT token, as in OpenAI CLIP); tokens may be shorter than
+    ``context_length``.
+
+    Example:
+        >>> model = CLIP(CLIPConfig.tiny())
+        >>> model.encode_text(torch.tensor([[1, 5, 999, 0]])).shape
+        torch.Size([1, 64])
+    """
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.visual = VisionTransformer(c.image_size, c.patch_size, c.vision_width, c.vision_layers,
+                                        c.vision_heads, c.embed_dim, c.quick_gelu)
+        self.transformer = Transformer(c.text_width, c.text_layers, c.text_heads, c.quick_gelu)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.text_width))
+        self.ln_final = nn.LayerNorm(c.text_width)
+        self.text_projection = nn.Parameter(torch.empty(c.text_width, c.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        mask = torch.full((c.context_length, c.context_length), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", mask, persistent=False)
+        self._init_parameters()
+
+    def _init_parameters(self) -> None:
+        c = self.config
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=c.text_width ** -0.5)
+        _init_blocks(self.transformer, c.text_width, c.text_layers)
+        _init_blocks(self.visual.transformer, c.vision_width, c.vision_layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter dtype (fp32 unless converted)."""
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalised pixels -> unnormalised ``(B, embed_dim)``."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` token ids (``L <= context_length``) -> unnormalised ``(B, embed_dim)``."""
+        length = tokens.shape[1]
+        if length > self.config.context_length:
+            raise ValueError(f"{length} tokens > context_length {self.config.context_length}")
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]
+        mask = self.attn_mask[:length, :length].to(x.dtype)
+        x = self.ln_final(self.transformer(x, mask))
+        eot = tokens.argmax(dim=-1)
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        return image_features, text_features, self.logit_scale.exp()
+
+
+# Entries found in some checkpoints that are not parameters of this module (OpenAI's TorchScript archive
+# keeps hyper-parameters as tensors; old open_clip versions persisted the causal mask).
+_IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+def _count_blocks(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    indices = {k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)}
+    return len(indices)
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> CLIPConfig:
+    """Read a :class:`CLIPConfig` off tensor shapes; heads default to ``width // 64`` (as in OpenAI CLIP).
+
+    Example:
+        >>> infer_config(CLIP(CLIPConfig.tiny()).state_dict(), vision_heads=2, text_heads=2) == CLIPConfig.tiny()
+        True
+    """
+    sd = state_dict
+    vision_width, _, patch_size, _ = sd["visual.conv1.weight"].shape
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    text_width = sd["ln_final.weight"].shape[0]
+    fields: dict[str, Any] = {
+        "embed_dim": sd["text_projection"].shape[1],
+        "image_size": patch_size * grid,
+        "patch_size": patch_size,
+        "vision_width": vision_width,
+        "vision_layers": _count_blocks(sd, "visual.transformer.resblocks."),
+        "vision_heads": max(1, vision_width // 64),
+        "context_length": sd["positional_embedding"].shape[0],
+        "vocab_size": sd["token_embedding.weight"].shape[0],
+        "text_width": text_width,
+        "text_layers": _count_blocks(sd, "transformer.resblocks."),
+        "text_heads": max(1, text_width // 64),
+    }
+    return CLIPConfig(**{**fields, **overrides})
+
+
+def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+    try:  # OpenAI's released .pt files are TorchScript archives
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated but still the format
+            return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except RuntimeError:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def load_clip_state_dict(path_or_state_dict: str | Path | dict[str, Any], **config_overrides: Any) -> CLIP:
+    """Build a float32 :class:`CLIP` from an OpenAI (TorchScript or plain) or open_clip checkpoint.
+
+    Accepts a path or an already loaded dict; unwraps a ``"state_dict"`` entry and ``module.`` prefixes; infers
+    the config from shapes (:func:`infer_config`). Head counts cannot be read off shapes: they default to
+    ``width // 64`` (right for every OpenAI model); pass ``vision_heads=`` / ``text_heads=`` /
+    ``quick_gelu=`` to override. Loading is strict: unknown tensors (e.g. open_clip's ``attn_pool``) raise.
+
+    Example:
+        >>> sd = CLIP(CLIPConfig.tiny()).state_dict()
+        >>> load_clip_state_dict({"state_dict": sd}, vision_heads=2, text_heads=2).config.vision_width
+        64
+    """
+    sd = path_or_state_dict
+    if isinstance(sd, (str, Path)):
+        sd = _read_checkpoint(sd)
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if k not in _IGNORED_KEYS and isinstance(v, torch.Tensor)}
+    model = CLIP(infer_config(sd, **config_overrides))
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model
+
+
+def create_open_clip(name: str, pretrained: str | None = None) -> tuple[nn.Module, Callable, Callable]:
+    """Optional backend: ``(model, tokenizer, eval preprocess)`` from open_clip (imported lazily).
+
+    ``pretrained`` may be a local checkpoint path; an open_clip tag would download (not done in tests).
+
+    Example:
+        >>> model, tokenizer, preprocess = create_open_clip("ViT-B-16", "/ckpt/ViT-B-16.pt")  # doctest: +SKIP
+    """
+    try:
+        import open_clip
+    except ImportError as err:
+        raise ImportError("create_open_clip needs open_clip: pip install open_clip_torch "
+                          "(or pip install gnsp_optim[openclip])") from err
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    return model, open_clip.get_tokenizer(name), preprocess
+
+
+def preprocess_image(image: Any, image_size: int) -> torch.Tensor:
+    """CLIP's eval transform without torchvision: ``(3, S, S)`` float tensor.
+
+    Resize the shorter side to ``S`` (bicubic; the long side is truncated like torchvision's), center crop
+    (torchvision's rounding), convert to RGB, scale to [0, 1], normalise with CLIP mean/std. The RGB
+    conversion comes after resizing, as in OpenAI CLIP and open_clip, so outputs match theirs.
+
+    Example:
+        >>> from PIL import Image
+        >>> preprocess_image(Image.new("RGB", (64, 48)), 32).shape
+        torch.Size([3, 32, 32])
+    """
+    try:
+        from PIL import Image
+    except ImportError as err:
+        raise ImportError("preprocess_image needs Pillow: pip install gnsp_optim[reference]") from err
+    import numpy as np
+
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(image_size * long / short)
+    new_size = (image_size, new_long) if width <= height else (new_long, image_size)
+    if new_size != (width, height):
+        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    width, height = image.size
+    left, top = round((width - image_size) / 2.0), round((height - image_size) / 2.0)
+    image = image.crop((left, top, left + image_size, top + image_size)).convert("RGB")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def make_preprocess(image_size: int) -> Callable[[Any], torch.Tensor]:
+    """``image -> preprocess_image(image, image_size)`` as a picklable callable.
+
+    Example:
+        >>> transform = make_preprocess(224)  # use as a dataset transform
+    """
+    from functools import partial
+
+    return partial(preprocess_image, image_size=image_size)

@@ -1,0 +1,158 @@
+"""The central promise: after end_task(), steps leave outputs on the collected inputs unchanged."""
+
+import pytest
+import torch
+from helpers import GRAD_EXACT, OPTIMIZERS, collect, low_rank_inputs, mlp, train
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from gnsp_optim import NullSpaceOptimizer
+
+# (tolerance on old-output drift relative to the output scale, rho): float32 statistics carry ~1e-7
+# relative noise in their eigenvalues, so the "null" threshold must sit above it.
+PRECISION = {torch.float64: (1e-8, 1e-15), torch.float32: (2e-3, 1e-6)}
+
+
+@given(
+    depth=st.integers(1, 3),
+    width=st.integers(6, 24),
+    n_old=st.integers(1, 5),
+    in_rank=st.integers(1, 4),
+    act=st.sampled_from(["tanh", "relu", "gelu", "identity"]),
+    case=st.sampled_from([("grad", o) for o in GRAD_EXACT] + [("update", o) for o in OPTIMIZERS]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_old_outputs_unchanged_and_new_loss_falls(depth, width, n_old, in_rank, act, case, dtype, bias, seed):
+    mode, opt_name = case
+    tol, rho = PRECISION[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    widths = [width] + [width] * depth + [3]
+    model = mlp(widths, act, bias=bias, dtype=dtype)
+    opt = NullSpaceOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, rho=rho, mode=mode)
+    # a few unprotected steps first, so momentum / moments exist before the task boundary
+    train(opt, model, torch.randn(16, width, dtype=dtype, generator=gen),
+          torch.randn(16, 3, dtype=dtype, generator=gen), 3)
+    old = low_rank_inputs(n_old, width, min(in_rank, n_old), dtype, gen)
+    before = collect(opt, model, old)
+    x_new = torch.randn(64, width, dtype=dtype, generator=gen)
+    y_new = torch.randn(64, 3, dtype=dtype, generator=gen)
+    first, last = train(opt, model, x_new, y_new, 25)
+    with torch.no_grad():
+        drift = (model(old) - before).abs().max().item()
+    scale = before.abs().max().item() + 1.0
+    assert drift <= tol * scale, f"old outputs moved by {drift:.3e}"
+    assert last < first, f"new-task loss did not fall ({first:.4f} -> {last:.4f})"
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "adamw", "sgd_wd"])
+def test_grad_mode_is_only_approximate_for_adaptive_or_decaying_optimizers(opt_name):
+    """Documented limitation: projecting only the gradient lets Adam / weight decay move old outputs."""
+    torch.manual_seed(1)
+    model = mlp([10, 16, 3], "tanh")
+    opt = NullSpaceOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, rho=1e-12, mode="grad")
+    old = low_rank_inputs(3, 10, 3)
+    before = collect(opt, model, old)
+    train(opt, model, torch.randn(32, 10, dtype=torch.float64), torch.randn(32, 3, dtype=torch.float64), 30)
+    drift = (model(old) - before).abs().max().item()
+    assert drift > 1e-4
+
+
+def test_stale_momentum_is_projected_at_end_task():
+    """SGD momentum built before end_task must not carry old directions into later steps."""
+    drifts = {}
+    for project_state in (True, False):
+        torch.manual_seed(3)
+        model = mlp([8, 12, 2], "tanh")
+        opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.95), model,
+                                 rho=1e-12, project_state=project_state)
+        train(opt, model, torch.randn(32, 8, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64), 5)
+        old = torch.randn(4, 8, dtype=torch.float64)
+        before = collect(opt, model, old)
+        train(opt, model, torch.randn(32, 8, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64), 5)
+        drifts[project_state] = (model(old) - before).abs().max().item()
+    assert drifts[True] < 1e-10
+    assert drifts[False] > 1e-6
+
+
+@pytest.mark.parametrize("mode,opt_name", [("grad", "sgd_momentum"), ("update", "adamw")])
+@pytest.mark.parametrize("conv", [
+    dict(cls=nn.Conv2d, cin=4, cout=6, k=3, stride=1, padding=1, dilation=1, groups=1),
+    dict(cls=nn.Conv2d, cin=4, cout=6, k=3, stride=2, padding=2, dilation=2, groups=2),
+    dict(cls=nn.Conv2d, cin=4, cout=4, k=(1, 3), stride=1, padding="same", dilation=1, groups=4),
+    dict(cls=nn.Conv1d, cin=3, cout=6, k=3, stride=2, padding=1, dilation=1, groups=3),
+])
+def test_conv_layers_are_protected(conv, mode, opt_name):
+    conv = dict(conv)
+    cls = conv.pop("cls")
+    cin, cout, k = conv.pop("cin"), conv.pop("cout"), conv.pop("k")
+    shape = (1, cin, 7) if cls is nn.Conv1d else (1, cin, 7, 7)
+    layer = cls(cin, cout, k, **conv, padding_mode="zeros").double()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3).double())
+    model(torch.randn(shape, dtype=torch.float64))  # materialise the lazy layer
+    opt = NullSpaceOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, rho=1e-12, mode=mode)
+    old = torch.randn(shape, dtype=torch.float64)
+    before = collect(opt, model, old)
+    x_new = torch.randn(16, *shape[1:], dtype=torch.float64)
+    first, last = train(opt, model, x_new, torch.randn(16, 3, dtype=torch.float64), 20)
+    assert (model(old) - before).abs().max().item() < 1e-9
+    assert last < first
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular", "replicate"])
+def test_conv_padding_modes_are_protected(padding_mode):
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode), nn.Flatten(),
+                          nn.Linear(3 * 25, 2)).double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, rho=1e-12)
+    old = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    before = collect(opt, model, old)
+    train(opt, model, torch.randn(8, 2, 5, 5, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), 10)
+    assert (model(old) - before).abs().max().item() < 1e-9
+
+
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(16, 4, kdim=8, vdim=12)
+
+    def forward(self, x, mem, k, v):
+        y = self.self_attn(x, x, x, need_weights=False)[0] + self.self_attn(x, mem, mem)[0]
+        return self.cross(y.transpose(0, 1), k, v)[0]
+
+
+@pytest.mark.parametrize("mode,opt_name", [("grad", "sgd_momentum"), ("update", "adamw")])
+def test_attention_is_protected_including_out_proj(mode, opt_name):
+    torch.manual_seed(0)
+    model = CrossAttention().double()
+    opt = NullSpaceOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, rho=1e-12, mode=mode)
+    d = dict(dtype=torch.float64)
+    old = (torch.randn(1, 3, 16, **d), torch.randn(1, 2, 16, **d), torch.randn(4, 1, 8, **d),
+           torch.randn(4, 1, 12, **d))
+    before = collect(opt, model, *old)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(20):
+        opt.zero_grad()
+        new = (torch.randn(4, 3, 16, **d), torch.randn(4, 5, 16, **d), torch.randn(4, 4, 8, **d),
+               torch.randn(4, 4, 12, **d))
+        model(*new).square().mean().backward()
+        opt.step()
+    assert (model(*old) - before).abs().max().item() < 1e-9
+    for name, p in model.named_parameters():  # every tensor trains (nothing was simply frozen)
+        assert (p - start[name]).abs().max() > 1e-6, name
+
+
+def test_transformer_encoder_layer_default_selection():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).double().eval()
+    opt = NullSpaceOptimizer(torch.optim.AdamW(layer.parameters(), lr=1e-2), layer, rho=1e-12, mode="update")
+    old = torch.randn(1, 3, 16, dtype=torch.float64)
+    before = collect(opt, layer, old)
+    assert sorted(opt.frozen) == ["norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight"]
+    first, last = train(opt, layer, torch.randn(8, 5, 16, dtype=torch.float64),
+                        torch.randn(8, 5, 16, dtype=torch.float64), 20)
+    assert (layer(old) - before).abs().max().item() < 1e-9
+    assert last < first

@@ -1,0 +1,170 @@
+"""Fast paths held equal to their slow, obvious twins."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from gnsp_optim.projector import Projector, project_reference
+from gnsp_optim.statistics import CovarianceStat, conv_patches, conv_patches_reference
+from gnsp_optim.subspace import (
+    CumulativeEnergy,
+    FixedRank,
+    RelativeEigenvalue,
+    TailEnergy,
+    eigh_descending,
+    tail_energy_rank,
+    tail_energy_rank_reference,
+)
+
+spectra = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=40).map(
+    lambda v: sorted(v, reverse=True))
+
+
+@given(spectra, st.floats(0, 0.999))
+def test_tail_energy_rank_matches_loop(lam, rho):
+    assert tail_energy_rank(torch.tensor(lam, dtype=torch.float64), rho) == tail_energy_rank_reference(lam, rho)
+
+
+@given(spectra, st.floats(0.01, 0.99))
+def test_rank_rules_are_in_range_and_monotone(lam, t):
+    x = torch.tensor(lam, dtype=torch.float64)
+    for rule in (TailEnergy(t), CumulativeEnergy(t), RelativeEigenvalue(t), FixedRank(int(t * 50))):
+        assert 0 <= rule(x) <= len(lam)
+    assert TailEnergy(t)(x) >= TailEnergy(min(0.999, t + 0.1))(x)  # less tail allowed -> more kept
+    assert CumulativeEnergy(t)(x) == TailEnergy(1 - t)(x)
+
+
+def test_rank_rule_examples_and_errors():
+    lam = torch.tensor([10.0, 5.0, 0.5, 0.0])
+    assert TailEnergy(0.15)(lam) == 2 and TailEnergy(0.0)(lam) == 3
+    assert RelativeEigenvalue(0.01)(lam) == 3 and FixedRank(10)(lam) == 4
+    assert TailEnergy(0.5)(torch.zeros(3)) == 0
+    for bad in (lambda: TailEnergy(1.0), lambda: TailEnergy(-0.1), lambda: CumulativeEnergy(0.0),
+                lambda: FixedRank(-1), lambda: RelativeEigenvalue(1.5)):
+        with pytest.raises(ValueError):
+            bad()
+
+
+@given(st.integers(1, 3), st.integers(2, 12), st.integers(1, 6), st.integers(0, 12), st.booleans(),
+       st.integers(0, 1000))
+def test_projector_matches_dense_reference(groups, d, rows, k_raw, with_bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dim = d + int(with_bias)
+    ranks = [min(dim, (k_raw + g) % (dim + 1)) for g in range(groups)]
+    q = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=gen))[0]
+    null = torch.stack([q[g].roll(-ranks[g], dims=1) for g in range(groups)])
+    proj = Projector.from_bases(q, null, ranks)
+    assert proj.basis.shape[-1] == max(min(k, dim - k) for k in ranks) or proj.form in ("kept", "null")
+    w = torch.randn(groups, rows, d, dtype=torch.float64, generator=gen)
+    b = torch.randn(groups, rows, 1, dtype=torch.float64, generator=gen) if with_bias else None
+    nw, nb = proj.apply(w, b)
+    for g in range(groups):
+        full = w[g] if b is None else torch.cat([w[g], b[g]], 1)
+        expect = project_reference(full, q[g][:, : ranks[g]])
+        got = nw[g] if b is None else torch.cat([nw[g], nb[g]], 1)
+        torch.testing.assert_close(got, expect, atol=1e-10, rtol=0)
+        # idempotent and orthogonal to the occupied directions
+        torch.testing.assert_close(project_reference(got, q[g][:, : ranks[g]]), got, atol=1e-10, rtol=0)
+
+
+def test_projector_picks_the_smaller_basis():
+    q = torch.eye(10, dtype=torch.float64)[None]
+    assert Projector.from_bases(q, q.roll(-2, 2), [2]).form == "kept"
+    p = Projector.from_bases(q, q.roll(-8, 2), [8])
+    assert p.form == "null" and p.basis.shape == (1, 10, 2) and p.nbytes == 10 * 2 * 8
+
+
+conv_cfg = st.fixed_dictionaries({
+    "spatial": st.sampled_from([1, 2]), "groups": st.sampled_from([1, 2]), "k": st.integers(1, 3),
+    "stride": st.integers(1, 3), "padding": st.integers(0, 2), "dilation": st.integers(1, 2),
+    "batch": st.integers(1, 2), "size": st.integers(4, 7)})
+
+
+@given(conv_cfg)
+def test_conv_patches_match_loops_and_reproduce_the_convolution(c):
+    cls = nn.Conv1d if c["spatial"] == 1 else nn.Conv2d
+    conv = cls(4, 6, c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
+               groups=c["groups"], bias=False).double()
+    shape = (c["batch"], 4) + (c["size"],) * c["spatial"]
+    x = torch.randn(shape, dtype=torch.float64)
+    fast = conv_patches(conv, x)
+    torch.testing.assert_close(fast, conv_patches_reference(conv, x))
+    # weight @ patches is the convolution's output: the statistic sees exactly what the weight multiplies
+    g = c["groups"]
+    w = conv.weight.reshape(g, 6 // g, -1)
+    out = torch.einsum("gnd,god->gon", fast, w)  # (G, out/G, patches)
+    ref = conv(x)  # (N, out, *spatial)
+    ref = ref.reshape(c["batch"], g, 6 // g, -1).permute(1, 2, 0, 3).reshape(g, 6 // g, -1)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular", "replicate"])
+def test_conv_patches_with_padding_modes_reproduce_the_convolution(padding_mode):
+    conv = nn.Conv2d(3, 5, 3, padding=1, padding_mode=padding_mode, bias=False).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    out = conv_patches(conv, x)[0] @ conv.weight.reshape(5, -1).T  # (N*L, out)
+    torch.testing.assert_close(out, conv(x).permute(0, 2, 3, 1).reshape(-1, 5))
+
+
+@given(st.sampled_from(["mean", "sum", "frobenius"]), st.integers(1, 4), st.integers(1, 5), st.integers(0, 99))
+def test_covariance_stat_matches_naive_sums(normalize, batches, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    st_ = CovarianceStat("layer", 3, dtype=torch.float64, normalize=normalize)
+    naive = torch.zeros(4, 4, dtype=torch.float64)
+    rows = 0
+    for _ in range(batches):
+        x = torch.randn(n, 3, dtype=torch.float64, generator=gen)
+        st_.update(x)
+        xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
+        gram = sum(torch.outer(r, r) for r in xa)
+        if normalize == "frobenius":
+            gram = gram / torch.linalg.matrix_norm(gram[:3, :3])
+        naive += gram
+        rows += n
+    if normalize == "mean":
+        naive = naive / rows
+    elif normalize == "frobenius":
+        naive = naive / torch.linalg.matrix_norm(naive[:3, :3])
+    st_.fold()
+    torch.testing.assert_close(st_.memory[0], naive)
+    assert st_.task_sum is None and not st_.seen
+
+
+def test_statistics_accumulate_in_float32_under_bf16_autocast():
+    st_ = CovarianceStat("layer", 8, dtype=torch.float32)
+    x = torch.randn(64, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        st_.update(x.to(torch.bfloat16))
+    assert st_.task_sum.dtype == torch.float32
+    xb = x.to(torch.bfloat16).float()
+    torch.testing.assert_close(st_.task_sum[0, :8, :8], xb.T @ xb, rtol=1e-5, atol=1e-4)
+
+
+def test_eigh_descending_sorts_and_retries_in_float64(monkeypatch):
+    m = torch.diag(torch.tensor([1.0, 3.0, 2.0]))
+    lam, vec = eigh_descending(m, "demo")
+    assert lam.tolist() == [3.0, 2.0, 1.0]
+    torch.testing.assert_close(vec @ torch.diag(lam) @ vec.T, m)
+    real = torch.linalg.eigh
+    calls = []
+
+    def flaky(a, *args, **kw):
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("did not converge")
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    lam, _ = eigh_descending(m, "demo")
+    assert calls == [torch.float32, torch.float64] and lam.dtype == torch.float32
+
+    def broken(a, *args, **kw):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(RuntimeError, match="blocks.3.mlp"):
+        eigh_descending(m, "blocks.3.mlp")
+    with pytest.raises(ValueError, match="NaN"):
+        eigh_descending(torch.full((2, 2), float("nan")), "x")

@@ -1,0 +1,240 @@
+"""Which parameters are protected, the policy for the rest, and clear errors for bad input."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import collect, mlp, train
+from torch import nn
+
+from gnsp_optim import GNSP_CLIP_VISUAL, FeatureSource, NullSpaceOptimizer
+
+
+class TinyVisual(nn.Module):
+    """Parameter names laid out like open_clip's CLIP vision tower (2 blocks)."""
+
+    def __init__(self, width=8, out=4):
+        super().__init__()
+        self.visual = nn.Module()
+        self.visual.transformer = nn.Module()
+        self.visual.transformer.resblocks = nn.ModuleList()
+        for _ in range(2):
+            blk = nn.Module()
+            blk.ln_2 = nn.LayerNorm(width)
+            blk.mlp = nn.Sequential()
+            blk.mlp.add_module("c_fc", nn.Linear(width, 2 * width))
+            blk.mlp.add_module("gelu", nn.GELU())
+            blk.mlp.add_module("c_proj", nn.Linear(2 * width, width))
+            self.visual.transformer.resblocks.append(blk)
+        self.visual.ln_post = nn.LayerNorm(width)
+        self.visual.proj = nn.Parameter(torch.randn(width, out) * 0.3)
+
+    def forward(self, x):  # x: (B, T, width)
+        for blk in self.visual.transformer.resblocks:
+            x = x + blk.mlp(blk.ln_2(x))
+        return self.visual.ln_post(x[:, 0]) @ self.visual.proj
+
+
+def cls_token(t):
+    return t[:, 0] if t.dim() == 3 else t
+
+
+def test_gnsp_clip_preset_is_one_line_and_protects_the_25_tensor_pattern():
+    torch.manual_seed(0)
+    model = TinyVisual().double()
+    opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model, rho=1e-15, mode="update",
+                             protect=GNSP_CLIP_VISUAL,
+                             feature_sources={"visual.proj": FeatureSource("visual.ln_post", select=cls_token)})
+    names = sorted(n for b in opt.blocks for n, _ in b.params)
+    assert names == sorted([f"visual.transformer.resblocks.{i}.mlp.{m}.weight" for i in range(2)
+                            for m in ("c_fc", "c_proj")] + ["visual.proj"])
+    old = torch.randn(2, 5, 8, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        before = collect(opt, model, old)
+    msgs = [str(x.message) for x in w if "not covered" in str(x.message)]
+    assert len(msgs) == 1 and "mlp.c_fc.bias" in msgs[0] and "ln_post.weight" in msgs[0]
+    start = model.visual.proj.detach().clone()
+    first, last = train(opt, model, torch.randn(16, 5, 8, dtype=torch.float64),
+                        torch.randn(16, 4, dtype=torch.float64), 20)
+    assert (model(old) - before).abs().max() < 1e-9 and last < first
+    assert (model.visual.proj - start).abs().max() > 1e-4
+    assert torch.equal(model.visual.ln_post.weight, torch.ones(8, dtype=torch.float64))  # frozen
+
+
+def test_uncovered_policies():
+    def setup(policy):
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)).double()
+        return model, NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=1e-15,
+                                         uncovered=policy)
+
+    model, opt = setup("freeze")
+    assert opt.uncovered_parameters == ["1.weight", "1.bias"]
+    with pytest.warns(UserWarning, match=r"1\.weight.*1\.bias"):
+        collect(opt, model, torch.randn(2, 4, dtype=torch.float64))
+    ln = model[1].weight.detach().clone()
+    train(opt, model, torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), 3)
+    assert torch.equal(model[1].weight, ln)
+
+    model, opt = setup("train")
+    collect(opt, model, torch.randn(2, 4, dtype=torch.float64))
+    ln = model[1].weight.detach().clone()
+    train(opt, model, torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), 3)
+    assert not torch.equal(model[1].weight, ln)
+
+    model, opt = setup("raise")
+    with opt.collect(), torch.no_grad():
+        model(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"1\.weight"):
+        opt.end_task()
+
+
+def test_feature_source_layouts_and_errors():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 5)
+            self.w_t = nn.Parameter(torch.randn(2, 5))  # used as x @ w_t.T
+
+        def forward(self, x):
+            return self.inp(x) @ self.w_t.T
+
+    m = M().double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, rho=1e-15,
+                             feature_sources={"w_t": FeatureSource("inp", layout="x@W.T")})
+    old = torch.randn(2, 3, dtype=torch.float64)
+    before = collect(opt, m, old)
+    train(opt, m, torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), 5)
+    assert (m(old) - before).abs().max() < 1e-9
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, feature_sources={"w_t": FeatureSource("nope")})
+    with pytest.raises(ValueError, match="'zz'"):
+        NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, feature_sources={"zz": FeatureSource("inp")})
+    with pytest.raises(ValueError, match="layout"):
+        FeatureSource("inp", layout="W@x")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rho=1.0), "rho"), (dict(rho=-0.1), "rho"), (dict(mode="adam"), "mode"),
+    (dict(uncovered="ignore"), "uncovered"), (dict(normalize="l2"), "normalize"),
+    (dict(stats_dtype=torch.float16), "stats_dtype"),
+    (dict(protect=["nothing.*"]), "nothing"), (dict(protect=["0.weight", "0.weight"]), "twice"),
+    (dict(protect=["1.weight"]), r"'1\.weight'.*shape"), (dict(protect=["0.bias"]), "together"),
+])
+def test_bad_arguments_are_refused_by_name(kwargs, match):
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
+    with pytest.raises((ValueError, TypeError), match=match):
+        NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+
+
+def test_optimizer_and_model_must_match():
+    model, other = nn.Linear(3, 3), nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="shares no parameter"):
+        NullSpaceOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), model)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        NullSpaceOptimizer(object(), model)
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(TypeError, match="already"):
+        NullSpaceOptimizer(opt, model)
+
+
+def test_tied_weight_is_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    m = Tied()
+    with pytest.raises(ValueError, match="two protected layers"):
+        NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)
+
+
+def test_non_finite_collection_is_refused_and_memory_kept():
+    model = mlp([4, 6, 2], "tanh")
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=1e-15)
+    collect(opt, model, torch.randn(2, 4, dtype=torch.float64))
+    memory = {b.name: b.stat.memory.clone() for b in opt.blocks}
+    projectors = dict(opt.projectors)
+    bad = torch.randn(2, 4, dtype=torch.float64)
+    bad[0, 1] = float("nan")
+    with opt.collect(), torch.no_grad():
+        model(bad)
+    with pytest.raises(ValueError, match=r"\['0', '2'\]"):
+        opt.end_task()
+    assert opt.tasks_seen == 1 and opt.projectors == projectors
+    for b in opt.blocks:
+        assert torch.equal(b.stat.memory, memory[b.name])
+    opt.discard_collection()
+    collect(opt, model, torch.randn(2, 4, dtype=torch.float64))
+    assert opt.tasks_seen == 2
+
+
+def test_layer_that_saw_no_input_is_frozen_with_a_warning():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x, use_b=False):
+            return self.b(x) if use_b else self.a(x)
+
+    m = TwoHeads().double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, rho=1e-15)
+    with pytest.warns(UserWarning, match=r"\['b'\] saw no input"):
+        collect(opt, m, torch.randn(2, 3, dtype=torch.float64))
+    assert opt.projectors["b"].is_zero
+    wb = m.b.weight.detach().clone()
+    opt.zero_grad()
+    m(torch.randn(4, 3, dtype=torch.float64), use_b=True).sum().backward()
+    opt.step()
+    assert torch.equal(m.b.weight, wb)
+
+
+def test_collect_misuse():
+    model = mlp([3, 2])
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with opt.collect():
+        with pytest.raises(RuntimeError, match="already open"):
+            with opt.collect():
+                pass
+        with pytest.raises(RuntimeError, match="still open"):
+            opt.end_task()
+
+
+def test_load_state_dict_refuses_other_models_and_versions():
+    model = mlp([4, 6, 2], "tanh")
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    collect(opt, model, torch.randn(3, 4, dtype=torch.float64))
+    sd = opt.state_dict()
+    wider = mlp([4, 7, 2], "tanh")
+    other = NullSpaceOptimizer(torch.optim.SGD(wider.parameters(), lr=0.1), wider)
+    with pytest.raises(ValueError, match="layer '2'.*dim=6.*dim=7"):
+        other.load_state_dict(sd)
+    deeper = mlp([4, 6, 6, 2], "tanh")
+    other = NullSpaceOptimizer(torch.optim.SGD(deeper.parameters(), lr=0.1), deeper)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict(sd)
+    bad = {"base": sd["base"], "gnsp": dict(sd["gnsp"], format_version=99)}
+    fresh = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.raises(ValueError, match="version 99"):
+        fresh.load_state_dict(bad)
+    with pytest.raises(ValueError, match="not a NullSpaceOptimizer state dict"):
+        fresh.load_state_dict(sd["base"])
+    assert fresh.tasks_seen == 0 and not fresh.projectors  # nothing changed
+
+
+def test_summary_reports_ranks_and_memory():
+    model = mlp([8, 12, 2], "tanh")
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=1e-15)
+    collect(opt, model, torch.randn(3, 8, dtype=torch.float64))
+    rows = {r["layer"]: r for r in opt.report()}
+    assert rows["0"]["input_dim"] == 9 and rows["0"]["kept_rank"] == 3 and rows["0"]["null_dim"] == 6
+    assert rows["0"]["form"] == "kept" and rows["0"]["projector_bytes"] == 9 * 3 * 8
+    assert rows["0"]["null_mass"] < 1e-12
+    text = opt.summary()
+    assert "kept" in text and "null mass" in text
