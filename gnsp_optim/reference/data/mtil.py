@@ -685,7 +685,8 @@ def _probe(name: str, root: Path) -> tuple[dict[str, int], int | None, str]:
     elif name == "cars":
         base = root / "stanford_cars"
         for p, kind in ((base / "cars_train", "folder"), (base / "cars_test", "folder"),
-                        (base / "devkit" / "cars_meta.mat", "file"), (base / "devkit" / "cars_train_annos.mat", "file")):
+                        (base / "devkit" / "cars_meta.mat", "file"),
+                        (base / "devkit" / "cars_train_annos.mat", "file")):
             _require(name, p, kind)
         test_ann = base / "cars_test_annos_withlabels.mat"
         if not test_ann.is_file() and (base / "devkit" / test_ann.name).is_file():
@@ -726,7 +727,8 @@ def check_data(root: str | os.PathLike) -> list[DataStatus]:
             counts, ncls, note = _probe(name, root)
             rows.append(DataStatus(name, DISPLAY_NAMES[name], True, loc, counts, ncls, note=note))
         except (DataLayoutError, OSError, ValueError, KeyError) as exc:
-            problem = f"{exc.problem}: {exc.path}" if isinstance(exc, DataLayoutError) else f"{type(exc).__name__}: {exc}"
+            problem = (f"{exc.problem}: {exc.path}" if isinstance(exc, DataLayoutError)
+                       else f"{type(exc).__name__}: {exc}")
             rows.append(DataStatus(name, DISPLAY_NAMES[name], False, loc, problem=problem, hint=_HINTS[name]))
     rows.append(check_imagenet(root))
     return rows
