@@ -61,13 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rho", type=float, default=None, help="override GNSP's rho (default 0.15)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "gnsp_optim"))
-    p.add_argument("--iterations", type=int, default=None, help="override iterations per task (offline)")
+    p.add_argument("--iterations", type=int, default=None, help="override iterations per task")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--data-root", default=None, help="real MTIL data root (see gnsp_optim/reference/data/LAYOUTS.md)")
     p.add_argument("--check-data", action="store_true", help="report which MTIL datasets are present and exit")
     p.add_argument("--clip", default=None, help="real CLIP weights: a local OpenAI/open_clip checkpoint file")
     p.add_argument("--bpe", default=None, help="CLIP BPE vocabulary file (default: from an installed open_clip)")
     p.add_argument("--order", default="I", choices=["I", "II"], help="MTIL task order")
+    p.add_argument("--tasks", default=None, help="real MTIL: a comma-separated subset of the order's tasks")
+    p.add_argument("--ref-size", type=int, default=1000, help="real MTIL: ImageNet reference images")
+    p.add_argument("--warmup", type=int, default=None, help="override warm-up steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -134,16 +137,26 @@ def real_setup(args, log=print):
     with open(cfg_path) as f:
         order_cfg = json.load(f)
     model = load_clip_state_dict(args.clip)
-    tok = load_bpe_tokenizer(args.bpe)
-    transform = make_preprocess(model.visual.input_resolution if hasattr(model.visual, "input_resolution")
-                                else 224)
+    tok = load_bpe_tokenizer(args.bpe, context_length=model.config.context_length)
+    if tok.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the BPE vocabulary has {tok.vocab_size} tokens but the model expects "
+                         f"{model.config.vocab_size}: wrong --bpe file for these weights")
+    transform = make_preprocess(model.config.image_size)
+    wanted = args.tasks.split(",") if args.tasks else order_cfg["tasks"]
+    unknown = [t for t in wanted if t not in order_cfg["tasks"]]
+    if unknown:
+        raise ValueError(f"--tasks: {unknown} are not MTIL tasks {order_cfg['tasks']}")
     tasks = []
     for name, lr, iters in zip(order_cfg["tasks"], order_cfg["lr"], order_cfg["iterations"]):
+        if name not in wanted:
+            continue
+        iters = args.iterations or iters
         train = load_mtil_dataset(name, args.data_root, "train", transform)
         test = load_mtil_dataset(name, args.data_root, "test", transform)
         tasks.append(ContinualTask(name, list(train.classnames), list(train.templates), train, test, lr, iters))
-    reference = imagenet_reference_set(args.data_root, n=1000, seed=args.seed, transform=transform)
-    return tasks, tok, model, reference, None, 0.0
+    reference = imagenet_reference_set(args.data_root, n=args.ref_size, seed=args.seed, transform=transform)
+    # the captioned reference images double as the paired set for the modality gap and retrieval
+    return tasks, tok, model, reference, reference, 0.0
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -250,7 +263,8 @@ def main(argv=None) -> int:
             return 2
         tasks, tok, model, reference, pairs, pre_s = real_setup(args)
         names = (args.methods or "zeroshot,finetune,gnsp+cd+map,gnsp+cd+map/update").split(",")
-        run_kw = dict(batch_size=64, ref_batch_size=64, stats_batch_size=16, warmup=100)
+        run_kw = dict(batch_size=64, ref_batch_size=64, stats_batch_size=16,
+                      warmup=100 if args.warmup is None else args.warmup)
         config = {"mode": "mtil", "order": args.order, "seed": args.seed, "clip": args.clip}
     else:
         preset = PRESETS["quick" if args.quick else "default"]

@@ -40,6 +40,11 @@ UNCOVERED = ("freeze", "train", "raise")
 LINEAR_STATE_KEYS = ("momentum_buffer", "exp_avg")
 
 
+def _is_view_of(view: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``view`` shares the storage of a contiguous ``base`` (writing into it writes into ``base``)."""
+    return base.is_contiguous() and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+
+
 class NullSpaceOptimizer(torch.optim.Optimizer):
     r"""Project a base optimizer's steps onto the null space of earlier tasks' layer inputs (GNSP).
 
@@ -137,6 +142,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
+        from .integrations.distributed import check_model_supported  # FSDP shards: refused with the reason
+
+        check_model_supported(model, [p for g in base_optim.param_groups for p in g["params"]])
         self.base = base_optim
         self.model = unwrap_model(model)
         self.rho, self.mode, self.uncovered, self.normalize = float(rho), mode, uncovered, normalize
@@ -226,11 +234,16 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ statistics
     @contextlib.contextmanager
-    def collect(self) -> Iterator[NullSpaceOptimizer]:
+    def collect(self, row_fraction: float = 1.0, seed: int = 0) -> Iterator[NullSpaceOptimizer]:
         """Open a collection: every forward pass of the model adds to the protected layers' input statistics.
 
         Run the model on the finished task's data inside it (usually under ``torch.no_grad()`` and
         ``model.eval()``), then call :meth:`end_task`. Outside it the hooks return at once.
+
+        ``row_fraction < 1`` keeps that share of each batch's rows (tokens, conv patches) at random (seeded by
+        ``seed``): the Gram cost falls in proportion, the covariance becomes an estimate, and inputs that were
+        not sampled are protected only as far as they lie in the span of those that were
+        (``benchmarks/overhead.py`` measures the trade-off).
 
         Example::
 
@@ -241,11 +254,18 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         """
         if self._collecting:
             raise RuntimeError("collect() is already open")
+        if not (0.0 < row_fraction <= 1.0):
+            raise ValueError(f"row_fraction must lie in (0, 1], got {row_fraction!r}")
+        gen = torch.Generator().manual_seed(seed)
+        for b in self.blocks:
+            b.stat.row_fraction, b.stat.generator = float(row_fraction), gen
         self._collecting = True
         try:
             yield self
         finally:
             self._collecting = False
+            for b in self.blocks:
+                b.stat.row_fraction, b.stat.generator = 1.0, None
 
     def discard_collection(self) -> None:
         """Drop what the current collection gathered (the memory of earlier tasks is untouched)."""
@@ -334,6 +354,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _project_pair(self, b: Block, proj: Projector, w: torch.Tensor, bias: torch.Tensor | None) -> None:
         wm, bm = b.read(w, bias)
+        if _is_view_of(wm, w) and (bias is None or _is_view_of(bm, bias)):
+            proj.apply_(wm, bm)  # fast path: in place, no copy back (twin: apply + write, test_math_twins)
+            return
         nw, nb = proj.apply(wm, bm)
         b.write(w, bias, nw, nb)
 
@@ -375,14 +398,14 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             loss = self.base.step()
         else:
             loss = self.base.step(self._wrap_closure(closure))
-        if snapshot is not None:
+        if snapshot is not None:  # W <- W0 + P(W - W0), in place in the parameters (no delta tensors)
             for b, proj, w0, b0 in snapshot:
-                dw = b.weight.detach() - w0
-                db = None if b0 is None else b.bias.detach() - b0
+                dw = b.weight.detach().sub_(w0)
+                db = None if b0 is None else b.bias.detach().sub_(b0)
                 self._project_pair(b, proj, dw, db)
-                b.weight.detach().copy_(w0.add_(dw))
-                if b0 is not None:
-                    b.bias.detach().copy_(b0.add_(db))
+                dw.add_(w0)
+                if db is not None:
+                    db.add_(b0)
         return loss
 
     def _wrap_closure(self, closure: Callable[[], float]) -> Callable[[], float]:

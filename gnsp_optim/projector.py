@@ -102,15 +102,9 @@ class Projector:
             >>> p.apply(torch.tensor([[[2.0, 3.0]]]))[0].tolist()
             [[[0.0, 3.0]]]
         """
-        basis = self.basis.to(weight.dtype)
-        dw = weight.shape[-1]
-        if dw + (0 if bias is None else 1) != self.dim:
-            raise ValueError(f"projector of dimension {self.dim} cannot act on a weight with {dw} inputs"
-                             f"{'' if bias is None else ' plus a bias'}")
-        b_w = basis[:, :dw, :]
+        b_w, b_b = self._split(weight, bias)
         coef = torch.bmm(weight, b_w)
         if bias is not None:
-            b_b = basis[:, dw:, :]
             coef = coef + torch.bmm(bias, b_b)
         if self.form == "kept":
             new_w = weight - torch.bmm(coef, b_w.transpose(1, 2))
@@ -119,6 +113,37 @@ class Projector:
             new_w = torch.bmm(coef, b_w.transpose(1, 2))
             new_b = None if bias is None else torch.bmm(coef, b_b.transpose(1, 2))
         return new_w, new_b
+
+    def _split(self, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        basis = self.basis.to(weight.dtype)
+        dw = weight.shape[-1]
+        if dw + (0 if bias is None else 1) != self.dim:
+            raise ValueError(f"projector of dimension {self.dim} cannot act on a weight with {dw} inputs"
+                             f"{'' if bias is None else ' plus a bias'}")
+        return basis[:, :dw, :], (None if bias is None else basis[:, dw:, :])
+
+    def apply_(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """In-place :meth:`apply`: overwrite ``weight`` (and ``bias``) with their projection.
+
+        Same shapes as :meth:`apply`; the tensors may be views (e.g. of a parameter's ``.grad``). No
+        ``rows x d`` temporary is allocated: the second product accumulates straight into ``weight``.
+
+        Example:
+            >>> p = Projector.from_bases(torch.eye(2)[None, :, :1], torch.eye(2)[None, :, 1:], [1])
+            >>> w = torch.tensor([[[2.0, 3.0]]])
+            >>> p.apply_(w)
+            >>> w.tolist()
+            [[[0.0, 3.0]]]
+        """
+        b_w, b_b = self._split(weight, bias)
+        coef = torch.bmm(weight, b_w)
+        if bias is not None:
+            coef.baddbmm_(bias, b_b)
+        keep = self.form == "kept"  # kept: W - (W U) U^T; null: (W N) N^T, overwriting W (beta=0)
+        weight.baddbmm_(coef, b_w.transpose(1, 2), beta=1.0 if keep else 0.0, alpha=-1.0 if keep else 1.0)
+        if bias is not None:
+            bias.baddbmm_(coef, b_b.transpose(1, 2), beta=1.0 if keep else 0.0, alpha=-1.0 if keep else 1.0)
 
 
 def project_reference(matrix: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,11 @@ class CovarianceStat:
     ``memory`` holds the normalised sum over all finished tasks.
     """
 
+    #: accumulate with in-place GEMMs into the buffer when possible (False: the general path; for tests)
+    _fast_path = True
+    #: block width of the symmetric (upper-strips-only) Gram accumulation; None: chosen from the width
+    _gram_block: int | None = None
+
     def __init__(self, name: str, dim: int, groups: int = 1, dtype: torch.dtype = torch.float32,
                  normalize: str = "mean") -> None:
         if normalize not in NORMALIZE_MODES:
@@ -53,6 +60,9 @@ class CovarianceStat:
         self.task_batches = 0
         self.memory: torch.Tensor | None = None
         self.tasks_folded = 0
+        #: share of rows (tokens / patches) kept per batch; < 1 samples rows at random (see ``collect``)
+        self.row_fraction = 1.0
+        self.generator: torch.Generator | None = None
 
     def _buffer(self, device: torch.device) -> torch.Tensor:
         if self.task_sum is None:
@@ -73,10 +83,25 @@ class CovarianceStat:
             n = x.shape[1]
             if n == 0:
                 return
+            if self.row_fraction < 1.0:  # row subsampling: an unbiased estimate of the mean covariance
+                keep = max(1, math.ceil(n * self.row_fraction))
+                idx = torch.randperm(n, generator=self.generator)[:keep].to(x.device)
+                x, n = x[:, idx], keep
             buf = self._buffer(x.device)
             if group is not None:
                 buf = buf[group : group + 1]
             d = self.dim
+            if self._fast_path and self.normalize != "frobenius" and x.shape[0] == buf.shape[0]:
+                # fast path: the GEMM accumulates straight into the buffer's X^T X block (no fresh d x d
+                # tensor, no extra add pass); twin: the general path below (tests/test_math_twins.py)
+                _add_gram_(buf[:, :d, :d], x, self._gram_block)
+                col = x.sum(dim=1)
+                buf[:, :d, d] += col
+                buf[:, d, :d] += col
+                buf[:, d, d] += float(n)
+                self.task_count += n
+                self.task_batches += 1
+                return
             gram = torch.bmm(x.transpose(1, 2), x)  # (1 or G, d, d): one GEMM per group
             col = x.sum(dim=1)  # (1 or G, d)
             count = torch.full((x.shape[0],), float(n), dtype=self.dtype, device=x.device)
@@ -141,6 +166,25 @@ class CovarianceStat:
         if self.memory is None:
             return None
         return self.memory if with_bias else self.memory[:, : self.dim, : self.dim]
+
+
+def _add_gram_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
+    """``out += x^T x`` for ``out`` ``(B, d, d)`` symmetric and ``x`` ``(B, n, d)``, in place.
+
+    Computes only the block-row strips on and above the diagonal (about half the FLOPs of one full GEMM for
+    wide inputs) and copies each finished strip's transpose below the diagonal, which is exact because ``out``
+    stays symmetric. ``block=None`` picks 256 for ``d >= 2048``, 128 for ``d >= 512`` and one GEMM below.
+    Twin: a single ``baddbmm_`` (the general path of :meth:`CovarianceStat.update`; tests/test_math_twins.py).
+    """
+    d = x.shape[-1]
+    if block is None:
+        block = 256 if d >= 2048 else (128 if d >= 512 else d)
+    xt = x.transpose(1, 2)
+    for i0 in range(0, d, block):
+        i1 = min(d, i0 + block)
+        out[:, i0:i1, i0:].baddbmm_(xt[:, i0:i1], x[:, :, i0:])
+        if i1 < d:
+            out[:, i1:, i0:i1] = out[:, i0:i1, i1:].transpose(1, 2)
 
 
 def conv_patches(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -168,3 +168,171 @@ def test_eigh_descending_sorts_and_retries_in_float64(monkeypatch):
         eigh_descending(m, "blocks.3.mlp")
     with pytest.raises(ValueError, match="NaN"):
         eigh_descending(torch.full((2, 2), float("nan")), "x")
+
+
+@given(st.integers(1, 3), st.integers(2, 12), st.integers(1, 6), st.integers(0, 12), st.booleans(),
+       st.integers(0, 1000))
+def test_in_place_projection_matches_apply(groups, d, rows, k_raw, with_bias, seed):
+    """``Projector.apply_`` (in place, both forms, views included) equals ``apply`` (fresh tensors)."""
+    gen = torch.Generator().manual_seed(seed)
+    dim = d + int(with_bias)
+    ranks = [min(dim, (k_raw + g) % (dim + 1)) for g in range(groups)]
+    q = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=gen))[0]
+    proj = Projector.from_bases(q, torch.stack([q[g].roll(-ranks[g], dims=1) for g in range(groups)]), ranks)
+    w = torch.randn(groups * rows, d, dtype=torch.float64, generator=gen)
+    b = torch.randn(groups * rows, dtype=torch.float64, generator=gen) if with_bias else None
+    wm, bm = w.view(groups, rows, d), None if b is None else b.view(groups, rows, 1)
+    nw, nb = proj.apply(wm, bm)
+    proj.apply_(wm, bm)  # writes through the views into w and b
+    torch.testing.assert_close(w.view(groups, rows, d), nw, atol=1e-12, rtol=0)
+    if with_bias:
+        torch.testing.assert_close(b.view(groups, rows, 1), nb, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("rank", [2, 5])  # kept form, null form
+@pytest.mark.parametrize("layout", ["linear", "x@W", "mha"])
+def test_optimizer_in_place_projection_matches_copy_path(layout, rank, monkeypatch):
+    """``_project_pair``'s in-place path equals its apply-then-write twin (views, transposed, bias rows)."""
+    import gnsp_optim.optimizer as opt_mod
+    from gnsp_optim import FeatureSource, NullSpaceOptimizer
+
+    torch.manual_seed(1)
+    if layout == "linear":
+        model, sources = nn.Sequential(nn.Linear(6, 5)).double(), {}
+        x = torch.randn(3, 6, dtype=torch.float64)
+    elif layout == "x@W":
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ln = nn.Identity()
+                self.proj = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+
+            def forward(self, t):
+                return self.ln(t) @ self.proj
+
+        model, sources, x = Head(), {"proj": FeatureSource("ln")}, torch.randn(3, 6, dtype=torch.float64)
+    else:
+        model = nn.MultiheadAttention(6, 2, kdim=7, vdim=8).double()
+        sources = {}
+        x = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64),
+             torch.randn(3, 8, dtype=torch.float64))
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rule=FixedRank(rank),
+                             feature_sources=sources, uncovered="train")
+    with opt.collect(), torch.no_grad():
+        model(*x) if isinstance(x, tuple) else model(x)
+    opt.end_task()
+    assert {p.form for p in opt.projectors.values()} == {"kept" if rank == 2 else "null"}
+    calls = []
+    real_apply_ = Projector.apply_
+    monkeypatch.setattr(Projector, "apply_", lambda self, *a: calls.append(1) or real_apply_(self, *a))
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(opt_mod, "_is_view_of", lambda view, base: False)
+        torch.manual_seed(2)
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt._project_grads()
+        results.append([p.grad.clone() for p in model.parameters()])
+    assert calls  # the in-place path ran in the first pass
+    assert any(not torch.equal(a, g) for a, g in zip(results[0], grads))  # something was projected
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+
+
+@given(st.sampled_from(["mean", "sum"]), st.integers(1, 3), st.integers(1, 3), st.integers(1, 6),
+       st.integers(1, 9), st.sampled_from([None, 1, 2, 3, 64]), st.integers(0, 99))
+def test_covariance_fast_accumulation_matches_general_path(normalize, groups, batches, n, d, block, seed):
+    """The in-place (block-symmetric) GEMM accumulation equals the general bmm-then-add path."""
+    gen = torch.Generator().manual_seed(seed)
+    fast = CovarianceStat("f", d, groups, dtype=torch.float64, normalize=normalize)
+    fast._gram_block = block
+    slow = CovarianceStat("s", d, groups, dtype=torch.float64, normalize=normalize)
+    slow._fast_path = False
+    for i in range(batches):
+        x = torch.randn(groups, n, d, dtype=torch.float64, generator=gen)
+        xs = x[i % groups]
+        for stat in (fast, slow):
+            stat.update(x)
+            stat.update(xs, group=i % groups)
+            stat.update(xs)  # (n, d) for every group: the broadcast (general) path on both sides
+    torch.testing.assert_close(fast.task_sum, slow.task_sum, atol=1e-12, rtol=0)
+    assert fast.task_count == slow.task_count and fast.task_batches == slow.task_batches
+
+
+@pytest.mark.parametrize("d", [600, 2100])  # the automatic block widths (128, 256)
+def test_symmetric_gram_at_auto_block_widths_matches_one_gemm(d):
+    from gnsp_optim.statistics import _add_gram_
+
+    x = torch.randn(2, 40, d, dtype=torch.float64)
+    out = torch.zeros(2, d + 1, d + 1, dtype=torch.float64)
+    _add_gram_(out[:, :d, :d], x)
+    _add_gram_(out[:, :d, :d], x)
+    torch.testing.assert_close(out[:, :d, :d], 2 * x.transpose(1, 2) @ x, atol=1e-10, rtol=0)
+    assert not out[:, d].any() and not out[:, :, d].any()  # nothing written outside the block
+
+
+@pytest.mark.parametrize("layout", ["linear", "mha"])
+def test_update_mode_step_matches_explicit_formula(layout):
+    """``mode="update"`` (in place in the parameters) equals ``W0 + P(W_base - W0)`` computed on a copy."""
+    import copy
+
+    from gnsp_optim import NullSpaceOptimizer
+
+    torch.manual_seed(3)
+    if layout == "linear":
+        model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+        xs = (torch.randn(4, 6, dtype=torch.float64),)
+    else:
+        model = nn.MultiheadAttention(6, 2, kdim=7, vdim=8).double()
+        xs = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64),
+              torch.randn(3, 8, dtype=torch.float64))
+    opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1), model,
+                             rule=FixedRank(2), mode="update", uncovered="train")
+    with opt.collect(), torch.no_grad():
+        model(*xs)
+    opt.end_task()
+    twin = copy.deepcopy(model)
+    twin_base = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.1)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for p, q, g in zip(model.parameters(), twin.parameters(), grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt._project_grads()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    before = [q.detach().clone() for q in twin.parameters()]
+    twin_base.step()
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    opt.step()
+    # slow twin: delta of the plain step, projected with the dense reference, per protected block
+    names = dict(twin.named_parameters())
+    expect = {n: q.detach().clone() for n, q in names.items()}
+    w0 = dict(zip(names, before))
+    for blk in opt.blocks:
+        proj = opt.projectors[blk.name]
+        rows_d = w0[blk.weight_name].shape[0] // blk.groups
+        dw = (expect[blk.weight_name] - w0[blk.weight_name]).reshape(blk.groups, rows_d, -1)
+        db = None
+        if blk.bias_name is not None:
+            sl = blk.bias_rows if blk.bias_rows is not None else slice(None)
+            db = (expect[blk.bias_name] - w0[blk.bias_name])[sl].reshape(blk.groups, -1, 1)
+        for g in range(blk.groups):
+            full = dw[g] if db is None else torch.cat([dw[g], db[g]], 1)
+            occupied = proj.basis[g][:, : proj.kept_ranks[g]] if proj.form == "kept" else None
+            if occupied is None:  # null form: occupied = complement of the stored null basis
+                null = proj.basis[g][:, : blk.dim - proj.kept_ranks[g]]
+                got = full @ null @ null.T
+            else:
+                got = project_reference(full, occupied)
+            dw[g] = got[:, : dw.shape[-1]]
+            if db is not None:
+                db[g] = got[:, -1:]
+        expect[blk.weight_name] = w0[blk.weight_name] + dw.reshape(w0[blk.weight_name].shape)
+        if db is not None:
+            sl = blk.bias_rows if blk.bias_rows is not None else slice(None)
+            expect[blk.bias_name][sl] = w0[blk.bias_name][sl] + db.reshape(-1)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expect[n], atol=1e-12, rtol=0)
+        assert not torch.equal(p.detach(), w0[n])  # every parameter moved

@@ -238,3 +238,21 @@ def test_summary_reports_ranks_and_memory():
     assert rows["0"]["null_mass"] < 1e-12
     text = opt.summary()
     assert "kept" in text and "null mass" in text
+
+
+def test_row_subsampling_keeps_a_share_of_rows_and_still_protects_a_low_rank_task():
+    torch.manual_seed(0)
+    model = mlp([8, 12, 2], "identity")
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=1e-15)
+    with pytest.raises(ValueError, match="row_fraction"):
+        with opt.collect(row_fraction=0.0):
+            pass
+    z = torch.randn(200, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64)  # rank-3 inputs
+    with opt.collect(row_fraction=0.1), torch.no_grad():
+        before = model(z)
+    assert opt.blocks[0].stat.task_count == 20  # 10% of 200 rows
+    opt.end_task()
+    assert opt.projectors["0"].kept_ranks == [4]  # the sample spans the inputs (3) plus the bias column
+    train(opt, model, torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64), 5)
+    assert (model(z) - before).abs().max() < 1e-9  # unsampled rows lie in the sampled span: still exact
+    assert opt.blocks[0].stat.row_fraction == 1.0  # reset when collect() closes

@@ -1,0 +1,366 @@
+"""Side-by-side CPU cost of gnsp_optim against the base optimizer and the public GNSP code's dense projector.
+
+Everything is measured in one run, variants interleaved round by round (the order rotates each round) and the
+median kept, so the *ratios* are meaningful on a shared machine; absolute times are printed for context only.
+
+What is compared (ViT-B/16 MLP shapes: ``c_fc`` 3072x768 with 768-d input, ``c_proj`` 768x3072 with 3072-d
+input, ``visual.proj`` 768x512 with ``--full``):
+
+1. per step: our projection (``Projector``: the smaller of kept / null basis, ``g - (gU)U^T`` or ``(gN)N^T``)
+   against AdamW's step alone and against the public code's dense ``d x d`` projector ``g @ P``;
+2. ``end_task``: our ``eigh`` (float32, float64 retry) against the public code's full ``torch.svd`` + P;
+3. collection: a forward with ``opt.collect()`` open against a plain forward, and the hooks' cost when closed;
+4. memory: projector bytes from ``opt.report()`` against the dense ``d x d`` float32 projectors.
+
+Layer inputs are synthetic power-law activations: ``X = diag(s) Q^T`` with a random orthogonal ``Q`` and
+``s_i = i^(-alpha/2)``, so the input covariance has eigenvalues ``~ i^-alpha``; GNSP's ``rho = 0.15``.
+
+Run::
+
+    python benchmarks/overhead.py            # 2 MLP blocks at ViT-B/16 widths
+    python benchmarks/overhead.py --full     # 12 blocks + visual.proj (minutes)
+    python benchmarks/overhead.py --quick    # tiny widths, seconds (used by the smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from gnsp_optim import FeatureSource, NullSpaceOptimizer
+from gnsp_optim.statistics import CovarianceStat
+from gnsp_optim.subspace import tail_energy_rank
+
+HEADER = "| measurement | ours | other side | ratio (ours / other) | target | met |"
+
+
+# ------------------------------------------------------------------------------------------ timing helpers
+def interleaved(variants: dict[str, Callable[[], None]], rounds: int,
+                prep: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median seconds of each variant; every round runs each variant once, in a rotating order.
+
+    Example:
+        >>> t = interleaved({"a": lambda: None, "b": lambda: None}, rounds=3)
+        >>> sorted(t)
+        ['a', 'b']
+    """
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            if prep is not None:
+                prep()
+            t0 = time.perf_counter()
+            variants[n]()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def fmt_t(seconds: float) -> str:
+    """Seconds as a short human string (``12.3 ms`` / ``1.23 s``)."""
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1.0 else f"{seconds:.2f} s"
+
+
+def fmt_b(nbytes: float) -> str:
+    """Bytes as MiB."""
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------- models
+class MLP(nn.Module):
+    """A CLIP residual block's MLP: ``c_fc`` (width -> hidden), GELU, ``c_proj`` (hidden -> width)."""
+
+    def __init__(self, width: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden, bias=bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(hidden, width, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Tower(nn.Module):
+    """``blocks`` MLP blocks, then optionally a bare-matmul head ``x[:, 0] @ proj`` (CLIP's visual.proj)."""
+
+    def __init__(self, width: int, hidden: int, blocks: int, head: int | None, bias: bool = True) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(MLP(width, hidden, bias) for _ in range(blocks))
+        self.ln_post = nn.Identity()
+        self.proj = nn.Parameter(torch.randn(width, head) / width**0.5) if head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.resblocks:
+            x = blk(x)
+        x = self.ln_post(x)
+        return x if self.proj is None else x[:, 0] @ self.proj
+
+
+def power_law_inputs(dim: int, alpha: float, gen: torch.Generator) -> torch.Tensor:
+    """``dim`` rows whose Gram matrix is ``Q diag(i^-alpha) Q^T`` for a random orthogonal ``Q`` (float32)."""
+    q = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64, generator=gen))[0]
+    scales = torch.arange(1, dim + 1, dtype=torch.float64).pow(-alpha / 2)
+    return (scales[:, None] * q.T).float() * dim**0.5  # mean-normalised covariance = Q diag(s^2) Q^T
+
+
+# ---------------------------------------------------------------------------------------------- public side
+def public_projector(cov: torch.Tensor, rho: float) -> torch.Tensor:
+    """The public GNSP code's way: full SVD of the covariance, dense ``P = U_null U_null^T`` (``d x d``)."""
+    u, s, _ = torch.svd(cov)
+    k = tail_energy_rank(s, rho)
+    null = u[:, k:]
+    return null @ null.T
+
+
+def previous_update(stat: CovarianceStat, x: torch.Tensor) -> None:
+    """The accumulation ``CovarianceStat.update`` used before this benchmark (a fresh ``bmm`` then adds)."""
+    x = x.unsqueeze(0)
+    buf = stat._buffer(x.device)
+    d = stat.dim
+    gram = torch.bmm(x.transpose(1, 2), x)
+    col = x.sum(dim=1)
+    buf[:, :d, :d] += gram
+    buf[:, :d, d] += col
+    buf[:, d, :d] += col
+    buf[:, d, d] += float(x.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run every measurement, print the table. Returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--blocks", type=int, default=2, help="MLP blocks (default 2)")
+    ap.add_argument("--full", action="store_true", help="12 blocks + visual.proj (ViT-B/16)")
+    ap.add_argument("--quick", action="store_true", help="tiny widths, runs in seconds")
+    ap.add_argument("--alpha", type=float, default=1.0, help="eigenvalues ~ i^-alpha")
+    ap.add_argument("--rho", type=float, default=0.15)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement")
+    ap.add_argument("--batch", type=int, default=8, help="images per collecting forward")
+    ap.add_argument("--tokens", type=int, default=197)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared machine extra threads stall each other)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    width, hidden, head, blocks, batch, tokens = 768, 3072, None, args.blocks, args.batch, args.tokens
+    rounds, slow_rounds = args.rounds or 7, max(2, (args.rounds or 7) // 2)
+    if args.full:
+        blocks, head = 12, 512
+    if args.quick:
+        width, hidden, blocks, head, batch, tokens = 64, 256, 1, 32, 2, 17
+        rounds, slow_rounds = args.rounds or 3, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+    warnings.filterwarnings("ignore", message="GNSP: ")
+
+    print(f"# gnsp_optim overhead, {datetime.date.today().isoformat()}, CPU ({platform.processor() or 'cpu'},"
+          " "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"# {blocks} MLP block(s) width {width} / hidden {hidden}"
+          f"{f' + proj {width}x{head}' if head else ''}; alpha={args.alpha}, rho={args.rho}; "
+          f"{rounds} interleaved rounds (end_task: {slow_rounds}), medians")
+    rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def row(name: str, ours: float, other: float, target: float | None, other_label: str = "",
+            kind: str = "t") -> None:
+        ratio = ours / other if other > 0 else float("inf")
+        f = fmt_t if kind == "t" else fmt_b
+        met = "-" if target is None else ("yes" if ratio <= target else "no")
+        rows.append((name, f(ours), f"{f(other)}{' ' + other_label if other_label else ''}", f"{ratio:.2f}x",
+                     "-" if target is None else f"<= {target}x", met))
+
+    # ---------------------------------------------------------------- model, protection, task-1 statistics
+    model = Tower(width, hidden, blocks, head, bias=False)
+    protect = ["resblocks.*.c_fc.weight", "resblocks.*.c_proj.weight"] + (["proj"] if head else [])
+    cls_token = FeatureSource("ln_post", select=lambda t: t[:, 0] if t.dim() == 3 else t)
+    sources = {"proj": cls_token} if head else {}
+    ours_opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho,
+                                  protect=protect, feature_sources=sources, uncovered="train")
+    x_w, x_h = power_law_inputs(width, args.alpha, gen), power_law_inputs(hidden, args.alpha, gen)
+
+    def collect_task() -> None:
+        with ours_opt.collect(), torch.no_grad():
+            for blk in model.resblocks:
+                blk.c_fc(x_w)
+                blk.c_proj(x_h)
+            if head:
+                model.ln_post(x_w)
+
+    # ---------------------------------------------------------------- 2. end_task: eigh vs full svd
+    covs: dict[str, torch.Tensor] = {}
+
+    def ours_end_task() -> None:
+        ours_opt.end_task()
+
+    def public_end_task() -> None:
+        for name, cov in covs.items():
+            dense[name] = public_projector(cov, args.rho)
+
+    collect_task()
+    for b in ours_opt.blocks:
+        covs[b.name] = b.stat.task_contribution()[0, : b.stat.dim, : b.stat.dim].clone()
+    dense: dict[str, torch.Tensor] = {}
+    end_times = interleaved({"ours": ours_end_task, "public": public_end_task}, slow_rounds,
+                            prep=lambda: None if ours_opt.blocks[0].stat.seen else collect_task())
+    # (prep re-collects for our side when a previous end_task consumed the collection; it is not timed)
+    row("end_task (eigh vs svd + dense P)", end_times["ours"], end_times["public"], 0.5)
+
+    # ---------------------------------------------------------------- 1. per-step projection
+    params = [p for b in ours_opt.blocks for p in (b.weight,)]
+    by_name = {b.name: b for b in ours_opt.blocks}
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
+    base_alone = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    public_base = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ours_update = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho,
+                                     protect=protect, feature_sources=sources, uncovered="train",
+                                     mode="update")
+    ours_update.projectors = ours_opt.projectors  # the same projectors, update mode
+    for h in ours_update._handles:
+        h.remove()
+    dense_by_param = [(by_name[n].weight, P, by_name[n].transpose) for n, P in dense.items()]
+
+    def set_grads() -> None:
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    def public_project() -> None:
+        for p, P, transposed in dense_by_param:
+            p.grad = (P @ p.grad) if transposed else (p.grad @ P)  # x @ W layout: P acts on the rows
+
+    def public_step() -> None:
+        public_project()
+        public_base.step()
+
+    for opt in (base_alone, public_base, ours_opt, ours_update):  # allocate AdamW state before timing
+        set_grads()
+        opt.step()
+    step_times = interleaved({
+        "adamw": base_alone.step, "ours_step": ours_opt.step, "ours_update_step": ours_update.step,
+        "public_step": public_step, "ours_proj": ours_opt._project_grads, "public_proj": public_project,
+    }, rounds, prep=set_grads)
+    t = step_times
+    row("projection per step (ours vs dense g @ P)", t["ours_proj"], t["public_proj"], 0.5)
+    o_over, p_over = t["ours_step"] - t["adamw"], t["public_step"] - t["adamw"]
+    row("step overhead over AdamW, grad mode (ours vs public)", max(o_over, 0.0), max(p_over, 1e-9), 0.5)
+    row("AdamW + projection, grad mode vs AdamW alone", t["ours_step"], t["adamw"], None, "(AdamW)")
+    row("AdamW + dense g @ P vs AdamW alone (public)", t["public_step"], t["adamw"], None, "(AdamW)")
+    row("AdamW + projection, update mode vs AdamW alone", t["ours_update_step"], t["adamw"], None, "(AdamW)")
+
+    # ---------------------------------------------------------------- 3. collection
+    net = Tower(width, hidden, blocks, head, bias=True).eval()
+    plain = copy.deepcopy(net)
+    hooked_opt = NullSpaceOptimizer(torch.optim.AdamW(net.parameters(), lr=1e-5), net, rho=args.rho,
+                                    protect=[*protect, "resblocks.*.bias"], feature_sources=sources,
+                                    uncovered="train")
+    x = torch.randn(batch, tokens, width, generator=gen)
+
+    def run_collect() -> None:
+        with hooked_opt.collect():
+            net(x)
+
+    with torch.no_grad():
+        for f in (lambda: plain(x), lambda: net(x), run_collect):
+            f()  # warm-up (allocates the statistics buffers)
+        ct = interleaved({"plain": lambda: plain(x), "hooked": lambda: net(x), "collect": run_collect},
+                         rounds)
+    row(f"collecting forward vs plain ({batch}x{tokens} tokens)", ct["collect"], ct["plain"], 1.3, "(plain)")
+    row("forward with hooks, collect() closed vs plain", ct["hooked"], ct["plain"], 1.05, "(plain)")
+
+    # ---------------------------------------------------------------- 3b. row subsampling: saving vs drift
+    # old-task tokens with power-law structure; after collecting (all rows or a share), 10 AdamW update-mode
+    # steps on new data; drift = relative change of the old outputs (unprotected run for scale)
+    mix = power_law_inputs(width, args.alpha, gen)
+    x_old = torch.randn(batch, tokens, width, generator=gen) @ mix
+    x_new = torch.randn(batch, tokens, width, generator=gen)
+
+    def drift_after(frac: float | None, rho: float = args.rho) -> float:
+        torch.manual_seed(args.seed)
+        tower = copy.deepcopy(plain).train()
+        base = torch.optim.AdamW(tower.parameters(), lr=1e-3)
+        opt = base
+        if frac is not None:
+            opt = NullSpaceOptimizer(base, tower, rho=rho, mode="update",
+                                     protect=[*protect, "resblocks.*.bias"], feature_sources=sources,
+                                     uncovered="train")
+            with opt.collect(row_fraction=frac), torch.no_grad():
+                tower(x_old)
+            opt.end_task()
+        with torch.no_grad():
+            y0 = tower(x_old)
+        for _ in range(10):
+            opt.zero_grad()
+            tower(x_new).square().mean().backward()
+            opt.step()
+        with torch.no_grad():
+            return ((tower(x_old) - y0).norm() / y0.norm()).item()
+
+    free = drift_after(None)
+    subsample_rows = []
+    for frac in (1.0, 0.5, 0.25):
+        def run_frac(f=frac) -> None:
+            with hooked_opt.collect(row_fraction=f):
+                net(x)
+
+        with torch.no_grad():
+            run_frac()
+            st = interleaved({"plain": lambda: plain(x), "collect": run_frac}, rounds)
+        subsample_rows.append((frac, st["collect"] / st["plain"], drift_after(frac), drift_after(frac, 1e-4)))
+    hooked_opt.discard_collection()
+
+    stat_new = CovarianceStat("new", hidden)
+    stat_old = CovarianceStat("old", hidden)
+    xs = torch.randn(batch * tokens, hidden, generator=gen)
+    stat_new.update(xs)
+    previous_update(stat_old, xs)
+    ut = interleaved({"new": lambda: stat_new.update(xs), "old": lambda: previous_update(stat_old, xs)},
+                     rounds)
+    row(f"CovarianceStat.update, {batch * tokens}x{hidden} (now vs previous)", ut["new"], ut["old"], None,
+        "(previous)")
+
+    # ---------------------------------------------------------------- 4. memory
+    ours_bytes = sum(r["projector_bytes"] for r in ours_opt.report())
+    dense_bytes = sum(P.numel() * P.element_size() for P in dense.values())
+    row("projector memory (report() vs dense d x d)", ours_bytes, dense_bytes, 0.5, kind="b")
+
+    # ---------------------------------------------------------------- print
+    print()
+    print(HEADER)
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print()
+    print(f"row subsampling in collect(): collecting forward / plain forward, and the old outputs' relative "
+          f"drift after 10 update-mode AdamW steps on new data (unprotected drift {free:.3e})")
+    print(f"| row_fraction | collect / plain | drift, rho={args.rho} | / unprotected | drift, rho=1e-4 "
+          f"| / unprotected |")
+    print("|---|---|---|---|---|---|")
+    for frac, ratio, drift, strict in subsample_rows:
+        print(f"| {frac:.2f} | {ratio:.2f}x | {drift:.3e} | {drift / free:.3f} | {strict:.3e} | "
+              f"{strict / free:.3f} |")
+    print()
+    print("per layer: name, input dim, kept rank k, stored basis width min(k, d-k), ours MiB vs dense MiB")
+    for r in ours_opt.report():
+        d = r["input_dim"] * r["groups"]
+        k = r["kept_rank"]
+        print(f"  {r['layer']:<28} d={d:<5} k={k:<5} width={min(k, d - k):<5} "
+              f"{r['projector_bytes'] / 2**20:7.2f} vs {d * d * 4 / 2**20:7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

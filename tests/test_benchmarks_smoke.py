@@ -1,0 +1,19 @@
+"""``benchmarks/overhead.py --quick`` runs end to end and prints its table (no timing is asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
+
+
+def test_overhead_quick_runs_and_prints_the_table():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True,
+                          timeout=120, cwd=SCRIPT.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "| measurement | ours | other side | ratio (ours / other) | target | met |" in out
+    for label in ("end_task", "projection per step", "collecting forward", "projector memory"):
+        assert label in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) >= 8
