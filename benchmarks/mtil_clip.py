@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import os
 import sys
@@ -46,9 +47,9 @@ OFFLINE_METHODS = ["zeroshot", "finetune", "l2init", "finetune+cd", "gnsp", "gns
 # offline configurations: (model, data, schedule)
 PRESETS = {
     "default": dict(width=128, layers=3, heads=4, embed=64, pretrain_steps=1500, n_pairs=20000, n_train=600,
-                    n_test=200, n_ref=1000, n_caption=500, iterations=60, lr=5e-4, warmup=10, batch=64),
+                    n_test=200, n_ref=1000, n_caption=500, iterations=100, lr=2e-4, warmup=10, batch=64, shift=1.0),
     "quick": dict(width=64, layers=2, heads=2, embed=32, pretrain_steps=150, n_pairs=4000, n_train=120,
-                  n_test=60, n_ref=128, n_caption=128, iterations=8, lr=5e-4, warmup=2, batch=32),
+                  n_test=60, n_ref=128, n_caption=128, iterations=8, lr=5e-4, warmup=2, batch=32, shift=1.0),
 }
 
 
@@ -62,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rho", type=float, default=None, help="override GNSP's rho (default 0.15)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "gnsp_optim"))
     p.add_argument("--iterations", type=int, default=None, help="override iterations per task")
+    p.add_argument("--lr", type=float, default=None, help="offline: override the fine-tuning lr")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="offline: override pre-training steps")
+    p.add_argument("--shift", type=float, default=None,
+                   help="offline: how far task images are rendered from the pre-training style (default 1)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--data-root", default=None, help="real MTIL data root (see gnsp_optim/reference/data/LAYOUTS.md)")
     p.add_argument("--check-data", action="store_true", help="report which MTIL datasets are present and exit")
@@ -75,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _rank_world() -> tuple[int, int]:
+    from gnsp_optim.reference.continual import dist_info
+
+    return dist_info()
+
+
 # ------------------------------------------------------------------------------------------ offline data
 def offline_setup(cfg: dict, seed: int, cache_dir: str, progress: bool, log=print):
     """Tasks, tokenizer, pre-trained tiny CLIP (cached), reference set and caption set."""
@@ -84,7 +95,7 @@ def offline_setup(cfg: dict, seed: int, cache_dir: str, progress: bool, log=prin
     from gnsp_optim.reference.tokenizer import WordTokenizer
 
     t0 = time.time()
-    toy = toydata.build_tasks(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=0)
+    toy = toydata.build_tasks(n_train=cfg["n_train"], n_test=cfg["n_test"], seed=0, shift=cfg["shift"])
     images, captions = toydata.build_pretraining_pairs(n=cfg["n_pairs"], seed=0)
     cap_images, cap_texts = toydata.build_caption_set(n=cfg["n_caption"], seed=1)
     tok = WordTokenizer.from_texts(toydata.all_texts(toy, captions + cap_texts), 20)
@@ -107,6 +118,11 @@ def offline_setup(cfg: dict, seed: int, cache_dir: str, progress: bool, log=prin
     path = os.path.join(cache_dir, f"tiny_clip_{key}.pt")
     torch.manual_seed(seed)
     model = CLIP(config)
+    rank, world = _rank_world()
+    if world > 1 and rank != 0:  # rank 0 pre-trains (or finds the cache); the others load its file
+        import torch.distributed as dist
+
+        dist.barrier()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         log(f"pre-trained tiny CLIP loaded from cache {path}")
@@ -122,6 +138,10 @@ def offline_setup(cfg: dict, seed: int, cache_dir: str, progress: bool, log=prin
         os.replace(tmp, path)
         log(f"pre-trained tiny CLIP in {pretrain_seconds:.0f}s (loss {losses[0]:.2f} -> {losses[-1]:.2f}); "
             f"cached at {path}")
+    if world > 1 and rank == 0:
+        import torch.distributed as dist
+
+        dist.barrier()
     model.eval()
     return tasks, tok, model, reference, caption_set, pretrain_seconds
 
@@ -165,11 +185,12 @@ def write_outputs(out: str, tasks: list[str], results: dict, config: dict, secon
     for name, r in results.items():
         safe = name.replace("/", "_")
         os.makedirs(os.path.join(out, safe), exist_ok=True)
-        with open(os.path.join(out, safe, "matrix.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["after \\ test"] + tasks)
-            for i, row in enumerate(r["matrix"]):
-                w.writerow([tasks[i]] + [f"{v:.2f}" for v in row])
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["after \\ test"] + tasks)
+        for i, row in enumerate(r["matrix"]):
+            w.writerow([tasks[i]] + [f"{v:.2f}" for v in row])
+        atomic_write_text(os.path.join(out, safe, "matrix.csv"), buf.getvalue())
         payload["methods"][name] = {k: r[k] for k in ("matrix", "transfer", "average", "last", "alignment",
                                                       "train_seconds")}
         payload["methods"][name]["modality_gap"] = r["alignment"][-1].get("modality_gap")
@@ -184,6 +205,12 @@ def write_outputs(out: str, tasks: list[str], results: dict, config: dict, secon
 def _r1(align: dict) -> float | None:
     keys = [k for k in align if k.endswith("R@1")]
     return sum(align[k] for k in keys) / len(keys) if keys else None
+
+
+def _savefig(fig, path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
 
 
 def plot(out: str, tasks: list[str], results: dict) -> None:
@@ -203,7 +230,7 @@ def plot(out: str, tasks: list[str], results: dict) -> None:
         ax.set_title(f"{name}: Avg {r['average']:.1f} / Last {r['last']:.1f}")
         fig.colorbar(im, ax=ax, fraction=0.04)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, name.replace("/", "_"), "heatmap.png"), dpi=100)
+        _savefig(fig, os.path.join(out, name.replace("/", "_"), "heatmap.png"))
         plt.close(fig)
     names = list(results)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -225,7 +252,7 @@ def plot(out: str, tasks: list[str], results: dict) -> None:
         ax.set_title(t)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "summary.png"), dpi=100)
+    _savefig(fig, os.path.join(out, "summary.png"))
     plt.close(fig)
 
 
@@ -241,9 +268,35 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def init_distributed(device: str) -> tuple[int, int]:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rank, world = init_distributed(args.device)
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if world > 1 and args.device == "cpu":  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        return _main(args, rank, world, log)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _main(args, rank: int, world: int, log) -> int:
     if args.check_data:
         if not args.data_root:
             print("--check-data needs --data-root DIR", file=sys.stderr)
@@ -251,26 +304,31 @@ def main(argv=None) -> int:
         from gnsp_optim.reference.data import check_data, format_check_report
 
         rows = check_data(args.data_root)
-        print(format_check_report(rows))
+        log(format_check_report(rows))
         return 0 if all(r.present for r in rows) else 1
     t0 = time.time()
     out = args.out or os.path.join("results", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out, exist_ok=True)
-    progress = not args.no_progress
+    if world > 1 and args.out is None:
+        raise SystemExit("under torchrun give --out explicitly (every rank must agree on it)")
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+    progress = not args.no_progress and rank == 0
     if args.data_root:
         if not args.clip:
             print("the real MTIL run needs --clip PATH (OpenAI or open_clip ViT-B/16 weights)", file=sys.stderr)
             return 2
-        tasks, tok, model, reference, pairs, pre_s = real_setup(args)
+        tasks, tok, model, reference, pairs, pre_s = real_setup(args, log)
         names = (args.methods or "zeroshot,finetune,gnsp+cd+map,gnsp+cd+map/update").split(",")
         run_kw = dict(batch_size=64, ref_batch_size=64, stats_batch_size=16,
                       warmup=100 if args.warmup is None else args.warmup)
         config = {"mode": "mtil", "order": args.order, "seed": args.seed, "clip": args.clip}
     else:
-        preset = PRESETS["quick" if args.quick else "default"]
-        if args.iterations:
-            preset = dict(preset, iterations=args.iterations)
-        tasks, tok, model, reference, pairs, pre_s = offline_setup(preset, args.seed, args.cache_dir, progress)
+        preset = dict(PRESETS["quick" if args.quick else "default"])
+        for key in ("iterations", "lr", "pretrain_steps", "shift"):
+            if getattr(args, key) is not None:
+                preset[key] = getattr(args, key)
+        tasks, tok, model, reference, pairs, pre_s = offline_setup(preset, args.seed, args.cache_dir, progress,
+                                                                   log)
         names = (args.methods or ",".join(OFFLINE_METHODS)).split(",")
         run_kw = dict(batch_size=preset["batch"], ref_batch_size=preset["batch"], stats_batch_size=128,
                       warmup=preset["warmup"])
@@ -291,16 +349,18 @@ def main(argv=None) -> int:
         model.load_state_dict(initial_state)
         results[name] = run_continual(model, tok, tasks, method, reference=reference, pairs=pairs,
                                       out_dir=os.path.join(out, name.replace("/", "_")), resume=args.resume,
-                                      seed=args.seed, device=args.device, progress=progress, log=print, **run_kw)
+                                      seed=args.seed, device=args.device, progress=progress, log=log, **run_kw)
         r = results[name]
-        print(f"{name:<22} Transfer {r['transfer']:5.1f}  Average {r['average']:5.1f}  Last {r['last']:5.1f}  "
+        log(f"{name:<22} Transfer {r['transfer']:5.1f}  Average {r['average']:5.1f}  Last {r['last']:5.1f}  "
               f"({r['train_seconds']:.0f}s)", flush=True)
     seconds = time.time() - t0
     config["methods"] = names
-    write_outputs(out, [t.name for t in tasks], results, config, seconds)
-    print()
-    print(table(results))
-    print(f"\n{len(tasks)} tasks; total {seconds:.0f}s (pre-training {pre_s:.0f}s); results in {out}")
+    config["processes"] = world
+    if rank == 0:
+        write_outputs(out, [t.name for t in tasks], results, config, seconds)
+    log()
+    log(table(results))
+    log(f"\n{len(tasks)} tasks; total {seconds:.0f}s (pre-training {pre_s:.0f}s); results in {out}")
     return 0
 
 

@@ -37,7 +37,8 @@ from ..selection import GNSP_CLIP_VISUAL, FeatureSource
 from .losses import cd_loss, ce_loss, map_loss
 from .metrics import continual_metrics, modality_gap, retrieval_recall, zeroshot_classifier
 
-__all__ = ["ContinualTask", "Method", "METHODS", "run_continual", "atomic_save", "atomic_write_text"]
+__all__ = ["ContinualTask", "Method", "METHODS", "run_continual", "atomic_save", "atomic_write_text",
+           "dist_info"]
 
 
 def _cls(t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +123,37 @@ def atomic_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------- processes
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default ``torch.distributed`` group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """DDP's gradient averaging, for a loop that calls ``encode_image`` / ``encode_text`` directly."""
+    import torch.distributed as dist
+
+    world = dist_info()[1]
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
 # ---------------------------------------------------------------------------------------------- pieces
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
     """lr multiplier: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``."""
@@ -131,15 +163,29 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
+def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int = 0,
+            shard: bool = False) -> DataLoader:
+    """A loader; with ``shard=True`` under ``torch.distributed``, this rank's share (``DistributedSampler``)."""
+    rank, world = dist_info()
+    if shard and world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                     drop_last=shuffle and len(ds) >= world * batch)
+        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
+                          drop_last=shuffle and len(ds) // world > batch)
     g = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, num_workers=workers,
                       drop_last=shuffle and len(ds) > batch)
 
 
 def _cycle(loader: DataLoader):
+    epoch = 0
     while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         yield from loader
+        epoch += 1
 
 
 @torch.no_grad()
@@ -236,7 +282,8 @@ def run_continual(
     opt: NullSpaceOptimizer | None = None
     start_task = 0
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if out_dir:
+    is_main = dist_info()[0] == 0
+    if out_dir and is_main:
         os.makedirs(out_dir, exist_ok=True)
     if resume and ckpt_path and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
@@ -247,9 +294,10 @@ def run_continual(
         if ckpt["opt"] is not None:
             opt = _make_optimizer(model, method, 1.0)
             opt.load_state_dict(ckpt["opt"])
-        log(f"[{method.name}] resumed after task {start_task} of {len(tasks)}")
+        if is_main:
+            log(f"[{method.name}] resumed after task {start_task} of {len(tasks)}")
 
-    bar = _progress(progress, total=sum(t.iterations for t in tasks[start_task:]) if method.train else 0,
+    bar = _progress(progress and is_main, total=sum(t.iterations for t in tasks[start_task:]) if method.train else 0,
                     desc=method.name)
     for i in range(start_task, len(tasks)):
         task = tasks[i]
@@ -264,21 +312,31 @@ def run_continual(
         if method.projection and method.train and i < len(tasks) - 1:
             opt = _gather_statistics(model, task, method, opt, stats_batch_size, device, workers)
         record = {"task": i, "name": task.name, "accuracy": row, "train_seconds": seconds[-1], **align[-1]}
-        if out_dir:
-            with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if out_dir and is_main:  # checkpoint first: a kill between the two writes re-runs this task on resume
             atomic_save({"method": asdict(method), "tasks": [t.name for t in tasks], "model": model.state_dict(),
                          "opt": None if opt is None else opt.state_dict(), "matrix": matrix, "align": align,
                          "seconds": seconds, "next_task": i + 1}, ckpt_path)
+            _append_log(os.path.join(out_dir, "log.jsonl"), record, keep_before=i)
+        _barrier()
     if bar is not None:
         bar.close()
     metrics = continual_metrics(torch.tensor(matrix)) if len(matrix) > 1 else {
         "transfer": float("nan"), "average": matrix[0][0], "last": matrix[0][0]}
     result = {"method": method.name, "matrix": matrix, **metrics, "alignment": align,
               "train_seconds": sum(seconds), "wall_seconds": time.time() - t0, "config": asdict(method)}
-    if out_dir:
+    if out_dir and is_main:
         atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=2))
     return result
+
+
+def _append_log(path: str, record: dict, keep_before: int) -> None:
+    """Append one JSON line, first dropping lines of tasks >= ``keep_before`` left by a killed run."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip() and json.loads(ln)["task"] < keep_before]
+    lines.append(json.dumps(record))
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -310,7 +368,7 @@ def _gather_statistics(model, task: ContinualTask, method: Method, opt, batch: i
         opt = _make_optimizer(model, method, 1.0)
     model.eval()
     with opt.collect(), torch.no_grad():
-        for images, _ in _loader(task.train, batch, False, 0, workers):
+        for images, _ in _loader(task.train, batch, False, 0, workers, shard=True):  # end_task all-reduces
             model.encode_image(images.to(device))
     import warnings
 
@@ -337,7 +395,8 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
     if method.l2_weight:
         init_params = {n: p for n, p in initial.named_parameters()}
     prompts = tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
-    data = _cycle(_loader(task.train, batch_size, True, seed + i, workers))
+    data = _cycle(_loader(task.train, batch_size, True, seed + i, workers, shard=True))
+    trained = [p for p in model.parameters() if p.requires_grad]
     ref_iter = _cycle(_loader(reference, ref_batch_size, False, 0, workers)) if reference is not None else None
     # reference items are (image, class index); class k is captioned reference.class_captions[k]
     ref_tokens = tokenizer(list(reference.class_captions)).to(device) if reference is not None else None
@@ -367,6 +426,7 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
             loss = loss + method.l2_weight * l2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _average_gradients(trained)
         optimizer.step()
         if bar is not None:
             bar.update(1)
