@@ -240,7 +240,7 @@ def plot(out: str, tasks: list[str], results: dict) -> None:
         axes[0].bar([x + (k - 1) * width for x in xs], [results[n][key] for n in names], width, label=key)
     axes[0].set_xticks(list(xs), names, rotation=45, ha="right")
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend()
+    axes[0].legend(fontsize=7, loc="lower right")
     axes[0].set_title("Transfer / Average / Last")
     for n in names:
         gaps = [a.get("modality_gap") for a in results[n]["alignment"]]

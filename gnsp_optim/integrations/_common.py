@@ -61,3 +61,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def forward_batch(model: nn.Module, batch: Any) -> Any:
+    """Run a model on a batch: ``model(**batch)`` for a dict, ``model(batch[0])`` for a tuple / list (inputs
+    first, as DataLoaders yield them), ``model(batch)`` otherwise.
+
+    Example:
+        >>> forward_batch(torch.nn.Identity(), (torch.ones(1), 0)).tolist()
+        [1.0]
+    """
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)

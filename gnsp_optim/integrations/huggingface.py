@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..optimizer import NullSpaceOptimizer
-from ._common import find_gnsp_optimizer, to_device
+from ._common import find_gnsp_optimizer, forward_batch, to_device
 from .distributed import check_model_supported
 
 __all__ = ["GNSPTrainer", "collect_and_end_task", "hf_forward"]
@@ -45,18 +45,8 @@ def _trainer_base() -> type:
     return Trainer
 
 
-def hf_forward(model: nn.Module, batch: Any) -> Any:
-    """Run a model on a Trainer-style batch: ``model(**batch)`` for a dict, ``model(batch[0])`` for a tuple.
-
-    Example:
-        >>> hf_forward(torch.nn.Identity(), (torch.ones(1),)).tolist()
-        [1.0]
-    """
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (list, tuple)):
-        return model(batch[0])
-    return model(batch)
+#: how a Trainer-style batch is fed to the model (``model(**batch)`` for dicts)
+hf_forward = forward_batch
 
 
 def collect_and_end_task(optimizer: Any, model: nn.Module, dataloader: Iterable, *,

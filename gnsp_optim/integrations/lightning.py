@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..optimizer import NullSpaceOptimizer
-from ._common import find_gnsp_optimizer, to_device
+from ._common import find_gnsp_optimizer, forward_batch, to_device
 
 __all__ = ["GNSPCallback", "find_gnsp_optimizer", "default_forward"]
 
@@ -58,19 +58,8 @@ def _lightning_callback_base() -> type:
     return Callback
 
 
-def default_forward(module: nn.Module, batch: Any) -> Any:
-    """Feed a batch to the model: ``module(batch[0])`` for a tuple/list, ``module(**batch)`` for a dict,
-    ``module(batch)`` otherwise.
-
-    Example:
-        >>> default_forward(torch.nn.Identity(), (torch.ones(1), 0)).tolist()
-        [1.0]
-    """
-    if isinstance(batch, (list, tuple)):
-        return module(batch[0])
-    if isinstance(batch, dict):
-        return module(**batch)
-    return module(batch)
+#: how a batch is fed to the LightningModule (``module(batch[0])`` for tuples)
+default_forward = forward_batch
 
 
 _Callback = _lightning_callback_base()
