@@ -279,6 +279,24 @@ def init_distributed(device: str) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def diagnostics(tasks: list[str], n_classes: list[int], results: dict) -> list[str]:
+    """Lines that say whether the benchmark can tell methods apart: zero-shot against chance, and forgetting
+    (best accuracy on a task while training on later ones, minus the final one) per method."""
+    lines = []
+    if "zeroshot" in results:
+        zs = results["zeroshot"]["matrix"][0]
+        lines.append("zero-shot vs chance: " + ", ".join(f"{t} {a:.1f} ({100 / c:.1f})"
+                                                          for t, a, c in zip(tasks, zs, n_classes)))
+    for name, r in results.items():
+        m = r["matrix"]
+        if name == "zeroshot" or len(m) < 2:
+            continue
+        drops = [max(m[i][j] for i in range(j, len(m))) - m[-1][j] for j in range(len(m) - 1)]
+        lines.append(f"forgetting, {name}: mean {sum(drops) / len(drops):.1f}, max {max(drops):.1f} points "
+                     f"(best after learning a task minus final, tasks 1..{len(m) - 1})")
+    return lines
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank, world = init_distributed(args.device)
@@ -360,6 +378,8 @@ def _main(args, rank: int, world: int, log) -> int:
         write_outputs(out, [t.name for t in tasks], results, config, seconds)
     log()
     log(table(results))
+    for line in diagnostics([t.name for t in tasks], [len(t.classnames) for t in tasks], results):
+        log(line)
     log(f"\n{len(tasks)} tasks; total {seconds:.0f}s (pre-training {pre_s:.0f}s); results in {out}")
     return 0
 

@@ -363,7 +363,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _project_grads(self) -> None:
         for b, proj in self._active():
-            if proj.is_zero:
+            if proj.is_zero and b.bias_rows is None:  # frozen block owning its tensors: skip it entirely
                 for _, p in b.params:
                     p.grad = None
                 continue
@@ -391,8 +391,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             return self.base.step(self._wrap_closure(closure))
         snapshot = None
         if self.mode == "update":
+            # frozen blocks whose grads are dropped need no snapshot; one sharing a bias (q/k/v rows) does
             snapshot = [(b, proj, b.weight.detach().clone(), None if b.bias is None else b.bias.detach().clone())
-                        for b, proj in self._active() if not proj.is_zero]
+                        for b, proj in self._active() if not proj.is_zero or b.bias_rows is not None]
         if closure is None:
             self._project_grads()
             loss = self.base.step()

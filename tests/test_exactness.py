@@ -156,3 +156,32 @@ def test_transformer_encoder_layer_default_selection():
                         torch.randn(8, 5, 16, dtype=torch.float64), 20)
     assert (layer(old) - before).abs().max().item() < 1e-9
     assert last < first
+
+
+@pytest.mark.parametrize("mode,opt_name", [("update", "adamw"), ("grad", "sgd_momentum")])
+def test_frozen_query_block_does_not_release_the_shared_bias(mode, opt_name):
+    """kdim/vdim attention: q/k/v weights are separate but share in_proj_bias. When the query block is fully
+    occupied (frozen) and key/value are not, the query rows of the shared bias must still not move."""
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(4, 1, kdim=8, vdim=8).double()
+    base = OPTIMIZERS[opt_name](m.parameters())
+    if opt_name == "sgd_momentum":
+        base.param_groups[0]["lr"] = 0.005
+    opt = NullSpaceOptimizer(base, m, rho=1e-15, mode=mode)
+    d = dict(dtype=torch.float64)
+
+    def new_batch():
+        return torch.randn(6, 1, 4, **d), torch.randn(3, 1, 8, **d), torch.randn(3, 1, 8, **d)
+
+    for _ in range(3):  # momentum / moments exist before the task boundary
+        opt.zero_grad()
+        m(*new_batch())[0].square().sum().backward()
+        opt.step()
+    old = (torch.randn(10, 1, 4, **d), torch.randn(2, 1, 8, **d), torch.randn(2, 1, 8, **d))
+    before = collect(opt, m, *old)[0]
+    assert opt.projectors["q_proj"].is_zero and not opt.projectors["k_proj"].is_zero
+    for _ in range(20):
+        opt.zero_grad()
+        m(*new_batch())[0].square().sum().backward()
+        opt.step()
+    assert (m(*old)[0] - before).abs().max().item() < 1e-9
