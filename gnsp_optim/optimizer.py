@@ -24,6 +24,7 @@ from .selection import (
     clean_name,
     discover_blocks,
     install_hooks,
+    parameter_owners,
     select_blocks,
     unwrap_model,
 )
@@ -58,7 +59,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             schedulers, ``GradScaler``, gradient clipping and checkpoints work unchanged.
         model: the ``nn.Module`` whose layers are observed (DDP / ``torch.compile`` wrappers are unwrapped).
         rho: share of eigenvalue mass allowed in the null space (GNSP's tail-energy rule, default 0.15);
-            ``rho -> 0`` gives the exact null space. Ignored when ``rule`` is given.
+            ``rho = 0`` gives the numerical null space (eigenvalues under ``d * eps * largest`` of the
+            decomposition's dtype count as zero). Ignored when ``rule`` is given.
         mode: ``"grad"`` projects ``.grad`` before the base step (the paper's method: exact for SGD with
             momentum / Nesterov and no weight decay; **approximate** under Adam-like optimizers, whose
             per-coordinate scaling and weight decay take the step out of the null space).
@@ -217,15 +219,48 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         old = getattr(self, "blocks", [])
         candidates = discover_blocks(self.model, self.feature_sources, dtype=self.stats_dtype,
                                      normalize=self.normalize)
-        self.blocks: list[Block] = select_blocks(candidates, named, set(ids), self.protect)
+        trainable = {id(p) for p in trained if p.requires_grad}  # requires_grad=False: the user froze it
+        self.blocks: list[Block] = select_blocks(candidates, named, trainable, self.protect,
+                                                 owners=parameter_owners(self.model))
         for b in self.blocks:  # keep the memory of blocks that existed before an add_param_group
             prev = next((o for o in old if o.name == b.name), None)
             if prev is not None:
                 b.stat = prev.stat
         covered = {id(p) for b in self.blocks for _, p in b.params}
         self._uncovered = [(by_id.get(id(p), f"<parameter #{i} not in model>"), p)
-                           for i, p in enumerate(trained) if id(p) not in covered]
+                           for i, p in enumerate(trained) if id(p) not in covered and p.requires_grad]
+        # blocks whose weight and bias sit in different parameter groups (other lr / momentum): projecting the
+        # joint gradient is not enough in grad mode, their change is projected after the step as well
+        group_of = {id(p): gi for gi, g in enumerate(self.base.param_groups) for p in g["params"]}
+        self._split_groups = {b.name for b in self.blocks
+                              if b.bias is not None and group_of.get(id(b.bias)) != group_of.get(id(b.weight))}
         self._handles = install_hooks(self.blocks, lambda: self._collecting)
+        if getattr(self, "tasks_seen", 0) > 0:  # add_param_group after a task boundary
+            self._refresh_after_rebuild()
+
+    def _refresh_after_rebuild(self) -> None:
+        """After ``add_param_group`` past the first task: projectors must fit the new blocks, layers with no
+        statistics are frozen (they never saw the old tasks), and the uncovered policy applies to newcomers."""
+        for b in self.blocks:
+            proj = self.projectors.get(b.name)
+            if proj is not None and proj.dim == b.dim:
+                continue
+            if b.stat.memory is not None:
+                self.projectors[b.name] = self._build_projector(b)
+            else:
+                warnings.warn(f"GNSP: layer {b.name!r} was added after a task boundary and has no statistics of "
+                              "earlier tasks; it is frozen until the next end_task()", stacklevel=3)
+                self.projectors[b.name] = self._frozen_projector(b)
+        if self._uncovered:
+            if self.uncovered == "raise":
+                raise ValueError(f"trained parameters not covered by any protection rule: "
+                                 f"{self.uncovered_parameters}")
+            if self.uncovered == "freeze":
+                new = [n for n in self.uncovered_parameters if n not in self.frozen]
+                self.frozen = self.uncovered_parameters
+                if new:
+                    warnings.warn(f"GNSP: parameter(s) {new} are not covered by any protection rule and are "
+                                  "frozen", stacklevel=3)
 
     @property
     def uncovered_parameters(self) -> list[str]:
@@ -338,6 +373,11 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     def _build_projector(self, b: Block) -> Projector:
         mem = b.stat.block(with_bias=b.bias is not None)
         lam, vec = eigh_descending(mem, label=b.name)
+        if isinstance(self.rule, TailEnergy) and self.rule.rho == 0.0:
+            # rho = 0 asks for the null space itself: eigenvalues under the decomposition's round-off floor
+            # (d * eps * largest) are zero; any rho > 0 keeps every eigenvalue and lets the rule decide
+            floor = lam.shape[-1] * torch.finfo(lam.dtype).eps * lam[:, :1]
+            lam = torch.where(lam <= floor, torch.zeros_like(lam), lam)
         ranks = [int(self.rule(lam[g])) for g in range(b.groups)]
         null = torch.stack([vec[g].roll(-ranks[g], dims=1) for g in range(b.groups)])
         proj = Projector.from_bases(vec, null, ranks).to(device=b.weight.device, dtype=b.weight.dtype)
@@ -390,10 +430,16 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                 return self.base.step()
             return self.base.step(self._wrap_closure(closure))
         snapshot = None
-        if self.mode == "update":
-            # frozen blocks whose grads are dropped need no snapshot; one sharing a bias (q/k/v rows) does
+        frozen_snapshot = []
+        if self.mode == "update" or self._split_groups:
+            # frozen blocks whose grads are dropped need no snapshot; one sharing a bias (q/k/v rows) does; in
+            # grad mode only blocks split over parameter groups are projected after the step
             snapshot = [(b, proj, b.weight.detach().clone(), None if b.bias is None else b.bias.detach().clone())
-                        for b, proj in self._active() if not proj.is_zero or b.bias_rows is not None]
+                        for b, proj in self._active()
+                        if (self.mode == "update" or b.name in self._split_groups)
+                        and (not proj.is_zero or b.bias_rows is not None)]
+        if self.mode == "update":  # some optimizers (LBFGS) move parameters that have no gradient
+            frozen_snapshot = [(p, p.detach().clone()) for _, p in self._frozen_params()]
         if closure is None:
             self._project_grads()
             loss = self.base.step()
@@ -407,6 +453,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                 dw.add_(w0)
                 if db is not None:
                     db.add_(b0)
+        for p, p0 in frozen_snapshot:
+            p.detach().copy_(p0)
         return loss
 
     def _wrap_closure(self, closure: Callable[[], float]) -> Callable[[], float]:
@@ -421,6 +469,10 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _project_optimizer_state(self) -> None:
+        if isinstance(self.base, torch.optim.LBFGS):
+            # LBFGS's curvature history is one flat vector over all parameters: it cannot be projected per
+            # layer, so it is dropped at the task boundary
+            self.base.state.clear()
         for b, proj in self._active():
             bufs_w = self.base.state.get(b.weight, {})
             bufs_b = self.base.state.get(b.bias, {}) if b.bias is not None else {}
@@ -430,9 +482,11 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                 if not isinstance(t_w, torch.Tensor) or t_w.shape != b.weight.shape:
                     continue
                 if b.bias is not None and not (isinstance(t_b, torch.Tensor) and t_b.shape == b.bias.shape):
-                    t_b = None
-                if b.bias is not None and t_b is None:
-                    continue
+                    # the bias has no buffer yet: project [t_w | 0]; SGD's momentum buffer for the bias can be
+                    # created from the result (SGD reads it when present), other optimizers' cannot
+                    t_b = torch.zeros_like(b.bias)
+                    if key == "momentum_buffer" and not bufs_b:
+                        self.base.state[b.bias]["momentum_buffer"] = t_b
                 self._project_pair(b, proj, t_w, t_b)
 
     # ------------------------------------------------------------------ checkpoints

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,8 @@ from torch import nn
 
 from .statistics import CovarianceStat, conv_patches
 
-__all__ = ["FeatureSource", "Block", "discover_blocks", "select_blocks", "GNSP_CLIP_VISUAL", "clean_name"]
+__all__ = ["FeatureSource", "Block", "discover_blocks", "select_blocks", "GNSP_CLIP_VISUAL", "clean_name",
+           "parameter_owners"]
 
 #: The 25 tensors GNSP trains after the first task on a CLIP ViT (open_clip / OpenAI names).
 GNSP_CLIP_VISUAL = (
@@ -220,8 +222,26 @@ def discover_blocks(model: nn.Module, feature_sources: dict[str, FeatureSource],
     return blocks
 
 
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> names of the modules that hold it directly`` (more than one: a tied parameter).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> seq = torch.nn.Sequential(lin, lin)
+        >>> parameter_owners(seq)[id(lin.weight)]
+        ['0']
+    """
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules():  # (a module reused twice is listed once: not a tie)
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(mname)
+    return owners
+
+
 def select_blocks(blocks: list[Block], named_params: dict[str, nn.Parameter], trainable: set[int],
-                  protect: list[str] | tuple[str, ...] | None) -> list[Block]:
+                  protect: list[str] | tuple[str, ...] | None,
+                  owners: dict[int, list[str]] | None = None) -> list[Block]:
     """Keep the blocks whose weight is trained and matches ``protect`` (None: all).
 
     A bias stays in its block only when it is trained too and (with patterns) matches a pattern itself.
@@ -248,6 +268,16 @@ def select_blocks(blocks: list[Block], named_params: dict[str, nn.Parameter], tr
         if not (b.bias is not None and id(b.bias) in trainable and wanted(b.bias_name)):
             b.bias, b.bias_name = None, None
         chosen.append(b)
+    # attention's separate q/k/v weights share in_proj_bias: keep it only when all three row blocks are chosen
+    # (otherwise the rows of the unchosen block would count as covered without any protection)
+    shared: dict[int, list[Block]] = {}
+    for b in chosen:
+        if b.bias_rows is not None and b.bias is not None:
+            shared.setdefault(id(b.bias), []).append(b)
+    for group in shared.values():
+        if len(group) != 3:
+            for b in group:
+                b.bias, b.bias_name, b.bias_rows = None, None, None
     for b in chosen:
         for pname, p in [(b.weight_name, b.weight)] + ([(b.bias_name, b.bias)] if b.bias_rows is None and b.bias
                                                         is not None else []):
@@ -255,6 +285,9 @@ def select_blocks(blocks: list[Block], named_params: dict[str, nn.Parameter], tr
                 raise ValueError(f"parameter {pname!r} is used by two protected layers ({claimed[id(p)]!r} and "
                                  f"{b.name!r}); tied weights cannot be protected by one input statistic")
             claimed[id(p)] = b.name
+            if owners is not None and len(owners.get(id(p), ())) > 1:
+                raise ValueError(f"parameter {pname!r} is shared by several modules ({owners[id(p)]}); a tied "
+                                 f"weight cannot be protected by the input statistic of one of its uses")
     if patterns is not None:
         covered = {n for b in chosen for n, _ in b.params}
         for name, p in named_params.items():
@@ -269,10 +302,9 @@ def select_blocks(blocks: list[Block], named_params: dict[str, nn.Parameter], tr
     return chosen
 
 
-def _mha_inputs(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> tuple:
-    names = ("query", "key", "value")
-    vals = list(args[:3]) + [kwargs.get(n) for n in names[len(args[:3]):]]
-    return tuple(vals)
+def _mha_call(mod: nn.MultiheadAttention, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """The call's arguments bound to ``MultiheadAttention.forward``'s names, positional or keyword."""
+    return inspect.signature(mod.forward).bind(*args, **kwargs)
 
 
 def install_hooks(blocks: list[Block], gate: Callable[[], bool]) -> list:
@@ -287,28 +319,37 @@ def install_hooks(blocks: list[Block], gate: Callable[[], bool]) -> list:
     for group in by_module.values():
         mod = group[0].module  # type: ignore[attr-defined]
         kinds = {b.kind: b for b in group}  # type: ignore[attr-defined]
-        if isinstance(mod, nn.MultiheadAttention):
+        if isinstance(mod, nn.MultiheadAttention) and any(k.startswith("mha_") for k in kinds):
             handles.append(mod.register_forward_hook(_mha_hook(mod, kinds, gate), with_kwargs=True))
-        else:
-            for b in group:
-                handles.append(mod.register_forward_hook(_plain_hook(b, gate)))
+        for b in group:
+            if not b.kind.startswith("mha_"):  # type: ignore[attr-defined]
+                handles.append(mod.register_forward_hook(_plain_hook(b, gate), with_kwargs=True))
     return handles
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The module's input tensor, passed positionally or as ``input=`` / the first keyword."""
+    if args:
+        return args[0]
+    if "input" in kwargs:
+        return kwargs["input"]
+    return next(iter(kwargs.values()))
 
 
 def _plain_hook(block: Block, gate: Callable[[], bool]):
     kind = block.kind  # type: ignore[attr-defined]
     stat = block.stat
 
-    def hook(mod, args, output):
-        if not gate():
+    def hook(mod, args, kwargs, output):
+        if not gate() or getattr(mod, "_gnsp_recomputing", False):  # skip MHA's own out_proj recomputation
             return
         if kind == "linear":
-            stat.update(_flat_rows(args[0], stat.dim))
+            stat.update(_flat_rows(_first_input(args, kwargs), stat.dim))
         elif kind == "conv":
-            stat.update(conv_patches(mod, args[0]))
+            stat.update(conv_patches(mod, _first_input(args, kwargs)))
         else:  # feature source
             src: FeatureSource = block.source  # type: ignore[attr-defined]
-            t = output if src.use == "output" else args[0]
+            t = output if src.use == "output" else _first_input(args, kwargs)
             if isinstance(t, (tuple, list)):
                 t = t[0]
             if src.select is not None:
@@ -324,7 +365,8 @@ def _mha_hook(mod: nn.MultiheadAttention, kinds: dict[str, Block], gate: Callabl
     def hook(module, args, kwargs, output):
         if busy[0] or not gate():
             return
-        q, k, v = _mha_inputs(module, args, kwargs)
+        call = _mha_call(module, args, kwargs)
+        q, k, v = call.arguments["query"], call.arguments["key"], call.arguments["value"]
         if "mha_in" in kinds:
             st = kinds["mha_in"].stat
             if k is q and v is q:  # self-attention: one Gram matrix serves the three row blocks
@@ -347,14 +389,13 @@ def _mha_hook(mod: nn.MultiheadAttention, kinds: dict[str, Block], gate: Callabl
             swap = {"out_proj.weight": torch.eye(e, dtype=out_w.dtype, device=out_w.device)}
             if module.out_proj.bias is not None:
                 swap["out_proj.bias"] = torch.zeros_like(module.out_proj.bias)
-            kw = dict(kwargs)
-            kw["need_weights"] = False
-            busy[0] = True
+            call.arguments["need_weights"] = False
+            busy[0] = module._gnsp_recomputing = True
             try:
                 with torch.no_grad():
-                    heads = torch.func.functional_call(module, swap, args, kw)[0]
+                    heads = torch.func.functional_call(module, swap, call.args, call.kwargs)[0]
             finally:
-                busy[0] = False
+                busy[0] = module._gnsp_recomputing = False
             st.update(_flat_rows(heads, e))
 
     return hook

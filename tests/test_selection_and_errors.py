@@ -150,7 +150,7 @@ def test_tied_weight_is_refused():
             return self.b(self.a(x))
 
     m = Tied()
-    with pytest.raises(ValueError, match="two protected layers"):
+    with pytest.raises(ValueError, match="tied"):
         NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)
 
 
@@ -256,3 +256,162 @@ def test_row_subsampling_keeps_a_share_of_rows_and_still_protects_a_low_rank_tas
     train(opt, model, torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64), 5)
     assert (model(z) - before).abs().max() < 1e-9  # unsampled rows lie in the sampled span: still exact
     assert opt.blocks[0].stat.row_fraction == 1.0  # reset when collect() closes
+
+
+# ---- regressions found by review (each failed before its fix) --------------------------------------------
+D64 = dict(dtype=torch.float64)
+
+
+def test_weight_tied_to_an_embedding_is_refused():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.emb(ids))
+
+    m = LM()
+    with pytest.raises(ValueError, match=r"'head\.weight' is shared by several modules"):
+        NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)
+
+
+@pytest.mark.parametrize("bias_lr", [0.1, 0.03])
+def test_grad_mode_is_exact_when_weight_and_bias_have_different_learning_rates(bias_lr):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    base = torch.optim.SGD([{"params": weights, "lr": 0.1}, {"params": biases, "lr": bias_lr}])
+    opt = NullSpaceOptimizer(base, model, rho=1e-15, mode="grad")
+    old = torch.randn(3, 6, **D64) + 2.0  # affine data: the constant-1 direction is occupied
+    before = collect(opt, model, old)
+    first, last = train(opt, model, torch.randn(16, 6, **D64), torch.randn(16, 2, **D64), 10)
+    assert (model(old) - before).abs().max() < 1e-9 and last < first
+
+
+def test_lbfgs_history_cannot_move_frozen_parameters_in_update_mode():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 2)).double()
+    opt = NullSpaceOptimizer(torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4), model, rho=1e-15,
+                             mode="update")
+    x1, y1 = torch.randn(16, 5, **D64), torch.randn(16, 2, **D64)
+
+    def closure_for(x, y):
+        def closure():
+            opt.zero_grad()
+            loss = (model(x) - y).square().mean()
+            loss.backward()
+            return loss
+        return closure
+
+    for _ in range(3):
+        opt.step(closure_for(x1, y1))  # task 1 builds LBFGS curvature history over every parameter
+    old = torch.randn(3, 5, **D64)
+    before = collect(opt, model, old)
+    ln = model[1].weight.detach().clone()
+    for _ in range(3):
+        opt.step(closure_for(torch.randn(16, 5, **D64), torch.randn(16, 2, **D64)))
+    assert torch.equal(model[1].weight, ln)
+    assert (model(old) - before).abs().max() < 1e-9
+
+
+def test_shared_qkv_bias_is_uncovered_when_one_of_q_k_v_is_not_protected():
+    m = nn.MultiheadAttention(4, 1, kdim=6, vdim=6).double()
+    m.v_proj_weight.requires_grad_(False)
+    opt = NullSpaceOptimizer(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2), m,
+                             rho=1e-15, mode="update")
+    assert "in_proj_bias" in opt.uncovered_parameters
+    assert all(b.bias is None for b in opt.blocks if b.name.endswith(("q_proj", "k_proj")))
+
+
+def test_add_param_group_after_end_task_refits_projectors_and_freezes_newcomers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.PReLU(), nn.Linear(6, 2)).double()
+    model[0].bias.requires_grad_(False)
+    base = torch.optim.SGD([model[0].weight, model[2].weight, model[2].bias], lr=0.1)
+    opt = NullSpaceOptimizer(base, model, rho=1e-15)
+    old = torch.randn(3, 5, **D64) + 1.0
+    before = collect(opt, model, old)
+    model[0].bias.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"\['1\.weight'\]"):
+        opt.add_param_group({"params": [model[0].bias, model[1].weight]})
+    assert opt.projectors["0"].dim == 6 and "1.weight" in opt.frozen
+    train(opt, model, torch.randn(16, 5, **D64), torch.randn(16, 2, **D64), 10)
+    assert (model(old) - before).abs().max() < 1e-9
+
+
+def test_hooks_accept_positional_and_keyword_call_forms():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2)
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.attn(x, x, x, None, False)[0]  # key_padding_mask, need_weights positionally
+            return self.lin(input=y)
+
+    m = M().double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), m, rho=1e-15)
+    old = torch.randn(3, 1, 4, **D64)
+    before = collect(opt, m, old)
+    assert all(b.stat.tasks_folded == 1 for b in opt.blocks)
+    train(opt, m, torch.randn(3, 8, 4, **D64), torch.randn(3, 8, 3, **D64), 5)
+    assert (m(old) - before).abs().max() < 1e-9
+
+
+def test_rho_zero_keeps_exactly_the_occupied_directions():
+    model = mlp([16, 4], "identity")
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0)
+    collect(opt, model, torch.randn(20, 3, **D64) @ torch.randn(3, 16, **D64))
+    assert opt.projectors["0"].kept_ranks == [4]  # rank 3 inputs + the bias column, round-off ignored
+
+
+def test_bias_frozen_by_requires_grad_stays_put():
+    model = mlp([5, 6, 2], "tanh")
+    model[0].bias.requires_grad_(False)
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, rho=1e-15)
+    old = torch.randn(3, 5, **D64)
+    before = collect(opt, model, old)
+    b0 = model[0].bias.detach().clone()
+    train(opt, model, torch.randn(16, 5, **D64), torch.randn(16, 2, **D64), 10)
+    assert torch.equal(model[0].bias, b0) and (model(old) - before).abs().max() < 1e-9
+
+
+def test_stale_momentum_is_projected_when_the_bias_has_no_buffer_yet():
+    torch.manual_seed(0)
+    model = mlp([5, 6, 2], "tanh")
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.95), model, rho=1e-15)
+    for _ in range(3):  # momentum for the first weight only: its bias gets no gradient in task 1
+        opt.zero_grad()
+        (torch.randn(8, 5, **D64) @ model[0].weight.T).square().mean().backward()  # no bias, no layer 2
+        opt.step()
+    old = torch.randn(3, 5, **D64)
+    before = collect(opt, model, old)
+    train(opt, model, torch.randn(16, 5, **D64), torch.randn(16, 2, **D64), 5)
+    assert (model(old) - before).abs().max() < 1e-9
+
+
+def test_feature_source_reading_an_attention_module():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+            self.P = nn.Parameter(torch.randn(4, 2))
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0] @ self.P
+
+    m = M().double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), m, rho=1e-15,
+                             feature_sources={"P": FeatureSource("attn", select=lambda t: t)})
+    old = torch.randn(1, 2, 4, **D64)
+    with opt.collect(), torch.no_grad():
+        before = m(old)
+    opt.end_task()
+    assert not opt.projectors["P"].is_zero
+    train(opt, m, torch.randn(4, 3, 4, **D64), torch.randn(4, 3, 2, **D64), 5)
+    assert (m(old) - before).abs().max() < 1e-9
