@@ -9,6 +9,7 @@ get a projector (:mod:`.projector`); :meth:`~NullSpaceOptimizer.step` applies it
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -119,8 +120,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise TypeError(f"base_optim must be a torch.optim.Optimizer, got {type(base_optim).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(rho, (int, float)) or not (0.0 <= rho < 1.0):
-            raise ValueError(f"rho must lie in [0, 1), got {rho!r}")
+        if not isinstance(rho, numbers.Real) or not (0.0 <= float(rho) < 1.0):  # numpy scalars welcome
+            raise ValueError(f"rho must be a number in [0, 1), got {rho!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if uncovered not in UNCOVERED:

@@ -397,9 +397,17 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
     prompts = tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
     data = _cycle(_loader(task.train, batch_size, True, seed + i, workers, shard=True))
     trained = [p for p in model.parameters() if p.requires_grad]
-    ref_iter = _cycle(_loader(reference, ref_batch_size, False, 0, workers)) if reference is not None else None
+    ref_loader = _loader(reference, ref_batch_size, False, 0, workers) if reference is not None else None
+    ref_iter = _cycle(ref_loader) if ref_loader is not None else None
     # reference items are (image, class index); class k is captioned reference.class_captions[k]
     ref_tokens = tokenizer(list(reference.class_captions)).to(device) if reference is not None else None
+    # the frozen initial model's reference features never change and the reference batches cycle in a fixed
+    # order: compute them once per task (same batches, same numbers) instead of once per step
+    ref_features0 = None
+    if method.cd_weight and ref_loader is not None:
+        with torch.no_grad():
+            ref_features0 = [(initial.encode_image(img.to(device)), initial.encode_text(ref_tokens[lab.to(device)]))
+                             for img, lab in ref_loader]
     model.train()
     scale = model.logit_scale.exp().detach()
     for step in range(task.iterations):
@@ -411,12 +419,12 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
                        method.label_smoothing)
         if method.cd_weight or method.map_weight:
             r_img, r_lab = next(ref_iter)
+            ref_batch = step % len(ref_features0) if ref_features0 is not None else 0
             r_img = r_img.to(device)
             r_tok = ref_tokens[r_lab.to(device)]
             f_i, f_t = model.encode_image(r_img), model.encode_text(r_tok)
             if method.cd_weight:
-                with torch.no_grad():
-                    f_i0, f_t0 = initial.encode_image(r_img), initial.encode_text(r_tok)
+                f_i0, f_t0 = ref_features0[ref_batch]
                 loss = loss + method.cd_weight * cd_loss(f_i, f_t, f_i0, f_t0, scale, method.cd_temperature)
             if method.map_weight:
                 loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab.to(device), scale,
