@@ -76,3 +76,22 @@ def forward_batch(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (list, tuple)):
         return model(batch[0])
     return model(batch)
+
+
+def collect_batches(opt: NullSpaceOptimizer, model: nn.Module, loader: Any, forward: Any,
+                    max_batches: int | None = None, rank: int = 0, world: int = 1) -> None:
+    """Run ``model`` in eval mode without gradients on ``loader`` inside ``opt.collect()`` (this rank's share:
+    every ``world``-th batch from ``rank``; at most ``max_batches`` batches looked at), then restore the mode.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with opt.collect(), torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                if i % world == rank:
+                    forward(model, to_device(batch, device))
+    finally:
+        model.train(was_training)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..optimizer import NullSpaceOptimizer
-from ._common import find_gnsp_optimizer, forward_batch, to_device
+from ._common import collect_batches, find_gnsp_optimizer, forward_batch
 from .distributed import check_model_supported
 
 __all__ = ["GNSPTrainer", "collect_and_end_task", "hf_forward"]
@@ -64,18 +64,7 @@ def collect_and_end_task(optimizer: Any, model: nn.Module, dataloader: Iterable,
         collect_and_end_task(opt, model, trainer.get_eval_dataloader(task1))
     """
     opt = find_gnsp_optimizer(optimizer)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-
-    was_training = model.training
-    model.eval()
-    try:
-        with opt.collect(), torch.no_grad():
-            for i, batch in enumerate(dataloader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                forward(model, to_device(batch, device))
-    finally:
-        model.train(was_training)
+    collect_batches(opt, model, dataloader, forward, max_batches)
     opt.end_task()
     return opt
 

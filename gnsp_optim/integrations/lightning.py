@@ -37,11 +37,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..optimizer import NullSpaceOptimizer
-from ._common import find_gnsp_optimizer, forward_batch, to_device
+from ._common import collect_batches, find_gnsp_optimizer, forward_batch
 
 __all__ = ["GNSPCallback", "find_gnsp_optimizer", "default_forward"]
 
@@ -116,18 +115,7 @@ class GNSPCallback(_Callback):  # type: ignore[misc, valid-type]
         rank, world = 0, 1
         if self.shard and dist.is_available() and dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with opt.collect(), torch.no_grad():
-                for i, batch in enumerate(loader):
-                    if self.max_batches is not None and i >= self.max_batches:
-                        break
-                    if i % world == rank:
-                        self.forward(pl_module, to_device(batch, device))
-        finally:
-            pl_module.train(was_training)
+        collect_batches(opt, pl_module, loader, self.forward, self.max_batches, rank, world)
         opt.end_task()
         self.tasks_closed += 1
         return opt
