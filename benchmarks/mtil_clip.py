@@ -8,7 +8,7 @@ scikit-learn digits and animal-mnist silhouettes) by every method, same tasks, s
 With ``--data-root DIR --clip PATH``: the real MTIL protocol (11 datasets, Order I or II) through
 ``gnsp_optim.reference``. ``--check-data`` only reports which datasets are present.
 
-    python benchmarks/mtil_clip.py                   # offline default (~15 min on 2 CPU cores)
+    python benchmarks/mtil_clip.py                   # offline default (~12 min on 2 CPU cores)
     python benchmarks/mtil_clip.py --quick           # the same pipeline, reduced (smoke test)
     python benchmarks/mtil_clip.py --data-root /data --check-data
     python benchmarks/mtil_clip.py --data-root /data --clip ViT-B-16.pt --order I --methods gnsp+cd+map/update
@@ -47,9 +47,11 @@ OFFLINE_METHODS = ["zeroshot", "finetune", "l2init", "finetune+cd", "gnsp", "gns
 # offline configurations: (model, data, schedule)
 PRESETS = {
     "default": dict(width=128, layers=3, heads=4, embed=64, pretrain_steps=1500, n_pairs=20000, n_train=600,
-                    n_test=200, n_ref=1000, n_caption=500, iterations=100, lr=2e-4, warmup=10, batch=64, shift=1.0),
+                    n_test=200, n_ref=1000, n_caption=500, iterations=100, lr=2e-4, warmup=10, batch=64,
+                    ref_batch=32, shift=1.0),
     "quick": dict(width=64, layers=2, heads=2, embed=32, pretrain_steps=150, n_pairs=4000, n_train=120,
-                  n_test=60, n_ref=128, n_caption=128, iterations=8, lr=5e-4, warmup=2, batch=32, shift=1.0),
+                  n_test=60, n_ref=128, n_caption=128, iterations=8, lr=5e-4, warmup=2, batch=32, ref_batch=32,
+                  shift=1.0),
 }
 
 
@@ -64,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "gnsp_optim"))
     p.add_argument("--iterations", type=int, default=None, help="override iterations per task")
     p.add_argument("--lr", type=float, default=None, help="offline: override the fine-tuning lr")
+    p.add_argument("--batch", type=int, default=None, help="offline: override the fine-tuning batch size")
     p.add_argument("--pretrain-steps", type=int, default=None, help="offline: override pre-training steps")
     p.add_argument("--shift", type=float, default=None,
                    help="offline: how far task images are rendered from the pre-training style (default 1)")
@@ -294,6 +297,16 @@ def diagnostics(tasks: list[str], n_classes: list[int], results: dict) -> list[s
         drops = [max(m[i][j] for i in range(j, len(m))) - m[-1][j] for j in range(len(m) - 1)]
         lines.append(f"forgetting, {name}: mean {sum(drops) / len(drops):.1f}, max {max(drops):.1f} points "
                      f"(best after learning a task minus final, tasks 1..{len(m) - 1})")
+    for name, r in results.items():  # plasticity: how much each method learns at all
+        m = r["matrix"]
+        if name == "zeroshot" or len(m) != len(m[0]):
+            continue
+        learnt = sum(m[i][i] for i in range(len(m))) / len(m)
+        base = ""
+        if "zeroshot" in results:
+            zs = results["zeroshot"]["matrix"][0]
+            base = f" (zero-shot {sum(zs) / len(zs):.1f})"
+        lines.append(f"learning, {name}: mean accuracy on each task right after training on it {learnt:.1f}{base}")
     return lines
 
 
@@ -342,13 +355,13 @@ def _main(args, rank: int, world: int, log) -> int:
         config = {"mode": "mtil", "order": args.order, "seed": args.seed, "clip": args.clip}
     else:
         preset = dict(PRESETS["quick" if args.quick else "default"])
-        for key in ("iterations", "lr", "pretrain_steps", "shift"):
+        for key in ("iterations", "lr", "pretrain_steps", "shift", "batch"):
             if getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
         tasks, tok, model, reference, pairs, pre_s = offline_setup(preset, args.seed, args.cache_dir, progress,
                                                                    log)
         names = (args.methods or ",".join(OFFLINE_METHODS)).split(",")
-        run_kw = dict(batch_size=preset["batch"], ref_batch_size=preset["batch"], stats_batch_size=128,
+        run_kw = dict(batch_size=preset["batch"], ref_batch_size=preset["ref_batch"], stats_batch_size=128,
                       warmup=preset["warmup"])
         config = {"mode": "offline", "preset": "quick" if args.quick else "default", **preset, "seed": args.seed,
                   "pretrain_seconds": pre_s}

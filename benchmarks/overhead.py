@@ -7,7 +7,8 @@ What is compared (ViT-B/16 MLP shapes: ``c_fc`` 3072x768 with 768-d input, ``c_p
 input, ``visual.proj`` 768x512 with ``--full``):
 
 1. per step: our projection (``Projector``: the smaller of kept / null basis, ``g - (gU)U^T`` or ``(gN)N^T``)
-   against AdamW's step alone and against the public code's dense ``d x d`` projector ``g @ P``;
+   against AdamW's step alone and against the public code's dense ``d x d`` projector ``g @ P``, and
+   ``batch_layers=True`` (equal shapes in one batched product) against the per-layer loop;
 2. ``end_task``: our ``eigh`` (float32, float64 retry) against the public code's full ``torch.svd`` + P;
 3. collection: a forward with ``opt.collect()`` open against a plain forward, and the hooks' cost when closed;
 4. memory: projector bytes from ``opt.report()`` against the dense ``d x d`` float32 projectors.
@@ -15,9 +16,13 @@ input, ``visual.proj`` 768x512 with ``--full``):
 Layer inputs are synthetic power-law activations: ``X = diag(s) Q^T`` with a random orthogonal ``Q`` and
 ``s_i = i^(-alpha/2)``, so the input covariance has eigenvalues ``~ i^-alpha``; GNSP's ``rho = 0.15``.
 
+``--kept-share FC,PROJ`` replaces the rank rule (on both sides) by fixed shares of the input dimension, e.g.
+the shares a trained model's projectors show in ``opt.report()``.
+
 Run::
 
     python benchmarks/overhead.py            # 2 MLP blocks at ViT-B/16 widths
+    python benchmarks/overhead.py --kept-share 0.27,0.13
     python benchmarks/overhead.py --full     # 12 blocks + visual.proj (minutes)
     python benchmarks/overhead.py --quick    # tiny widths, seconds (used by the smoke test)
 """
@@ -114,10 +119,11 @@ def power_law_inputs(dim: int, alpha: float, gen: torch.Generator) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- public side
-def public_projector(cov: torch.Tensor, rho: float) -> torch.Tensor:
+def public_projector(cov: torch.Tensor, rho: float, rule: Callable[[torch.Tensor], int] | None = None
+                     ) -> torch.Tensor:
     """The public GNSP code's way: full SVD of the covariance, dense ``P = U_null U_null^T`` (``d x d``)."""
     u, s, _ = torch.svd(cov)
-    k = tail_energy_rank(s, rho)
+    k = tail_energy_rank(s, rho) if rule is None else rule(s)
     null = u[:, k:]
     return null @ null.T
 
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny widths, runs in seconds")
     ap.add_argument("--alpha", type=float, default=1.0, help="eigenvalues ~ i^-alpha")
     ap.add_argument("--rho", type=float, default=0.15)
+    ap.add_argument("--kept-share", default=None, metavar="FC,PROJ",
+                    help="fix the kept rank to these shares of c_fc's and c_proj's input dimension (both sides) "
+                         "instead of the tail-energy rule, e.g. the shares a trained model shows")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds per measurement")
     ap.add_argument("--batch", type=int, default=8, help="images per collecting forward")
     ap.add_argument("--tokens", type=int, default=197)
@@ -161,6 +170,18 @@ def main(argv: list[str] | None = None) -> int:
         rounds, slow_rounds = args.rounds or 3, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    rule = None
+    if args.kept_share:
+        try:
+            share_fc, share_proj = (float(v) for v in args.kept_share.split(","))
+        except ValueError:
+            ap.error(f"--kept-share wants two numbers FC,PROJ, got {args.kept_share!r}")
+        if not (0.0 <= share_fc <= 1.0 and 0.0 <= share_proj <= 1.0):
+            ap.error(f"--kept-share: shares must lie in [0, 1], got {args.kept_share!r}")
+
+        def rule(lam: torch.Tensor) -> int:  # c_proj's input (hidden, +1 with a bias) vs everything else
+            d = lam.numel()
+            return round((share_proj if d in (hidden, hidden + 1) else share_fc) * d)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     warnings.filterwarnings("ignore", message="GNSP: ")
@@ -169,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
           " "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"# {blocks} MLP block(s) width {width} / hidden {hidden}"
-          f"{f' + proj {width}x{head}' if head else ''}; alpha={args.alpha}, rho={args.rho}; "
+          f"{f' + proj {width}x{head}' if head else ''}; alpha={args.alpha}, "
+          f"{f'kept shares {args.kept_share}' if rule else f'rho={args.rho}'}; "
           f"{rounds} interleaved rounds (end_task: {slow_rounds}), medians")
     rows: list[tuple[str, str, str, str, str, str]] = []
 
@@ -186,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     protect = ["resblocks.*.c_fc.weight", "resblocks.*.c_proj.weight"] + (["proj"] if head else [])
     cls_token = FeatureSource("ln_post", select=lambda t: t[:, 0] if t.dim() == 3 else t)
     sources = {"proj": cls_token} if head else {}
-    ours_opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho,
+    ours_opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho, rule=rule,
                                   protect=protect, feature_sources=sources, uncovered="train")
     x_w, x_h = power_law_inputs(width, args.alpha, gen), power_law_inputs(hidden, args.alpha, gen)
 
@@ -206,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def public_end_task() -> None:
         for name, cov in covs.items():
-            dense[name] = public_projector(cov, args.rho)
+            dense[name] = public_projector(cov, args.rho, rule)
 
     collect_task()
     for b in ours_opt.blocks:
@@ -223,11 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
     base_alone = torch.optim.AdamW(model.parameters(), lr=1e-5)
     public_base = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    ours_update = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho,
+    ours_update = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho, rule=rule,
                                      protect=protect, feature_sources=sources, uncovered="train",
                                      mode="update")
     ours_update.projectors = ours_opt.projectors  # the same projectors, update mode
-    for h in ours_update._handles:
+    ours_batched = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-5), model, rho=args.rho, rule=rule,
+                                      protect=protect, feature_sources=sources, uncovered="train",
+                                      batch_layers=True)
+    ours_batched.projectors = ours_opt.projectors  # the same projectors, equal shapes in one product
+    for h in ours_update._handles + ours_batched._handles:
         h.remove()
     dense_by_param = [(by_name[n].weight, P, by_name[n].transpose) for n, P in dense.items()]
 
@@ -252,9 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     step_times = interleaved({
         "adamw": base_alone.step, "ours_step": ours_opt.step, "ours_update_step": ours_update.step,
         "public_step": public_step, "ours_proj": ours_opt._project_grads, "public_proj": public_project,
+        "ours_proj_batched": ours_batched._project_grads,
     }, rounds, prep=set_grads)
     t = step_times
     row("projection per step (ours vs dense g @ P)", t["ours_proj"], t["public_proj"], 0.5)
+    if blocks > 1:
+        row(f"projection, batch_layers=True vs per layer ({blocks} layers per shape)", t["ours_proj_batched"],
+            t["ours_proj"], None, "(per layer)")
     o_over, p_over = t["ours_step"] - t["adamw"], t["public_step"] - t["adamw"]
     row("step overhead over AdamW, grad mode (ours vs public)", max(o_over, 0.0), max(p_over, 1e-9), 0.5)
     row("AdamW + projection, grad mode vs AdamW alone", t["ours_step"], t["adamw"], None, "(AdamW)")

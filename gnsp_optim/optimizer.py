@@ -84,6 +84,11 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             leak into old directions (default True).
         sync: all-reduce statistics over ``torch.distributed`` before :meth:`end_task` builds projectors
             (``None``: when a process group with more than one rank is initialised).
+        batch_layers: project layers of equal shape and projector form together, one batched product per
+            shape (bases zero-padded to the widest, which changes nothing), instead of one product per layer.
+            Same result to round-off; it saves per-layer launch overhead but costs a stack and a copy back
+            of every gradient, so it pays only where launches dominate (default False: on a CPU it measured
+            slower, see ``benchmarks/overhead.py``).
 
     Example:
         >>> import torch
@@ -113,6 +118,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         stats_dtype: torch.dtype | None = None,
         project_state: bool = True,
         sync: bool | None = None,
+        batch_layers: bool = False,
     ) -> None:
         if isinstance(base_optim, NullSpaceOptimizer):
             raise TypeError("base_optim is already a NullSpaceOptimizer; wrap the inner optimizer once")
@@ -155,6 +161,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self.protect = None if protect is None else tuple(protect)
         self.feature_sources = dict(feature_sources or {})
         self.stats_dtype, self.project_state, self.sync = stats_dtype, project_state, sync
+        self.batch_layers = bool(batch_layers)
+        self._stacked: dict[tuple, tuple[list[Projector], Projector]] = {}  # batch_layers: padded bases
         self.tasks_seen = 0
         self.projectors: dict[str, Projector] = {}
         self.frozen: list[str] = []  # names of trained parameters that no block protects (after task 1)
@@ -348,6 +356,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             else:
                 b.stat.clear_task()
         self.projectors = new
+        self._stacked.clear()
         if self.project_state:
             self._project_optimizer_state()
         if self.tasks_seen == 0 and self.uncovered == "freeze" and self._uncovered:
@@ -402,7 +411,58 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         b.write(w, bias, nw, nb)
 
     @torch.no_grad()
+    def _project_pairs(self, items: list[tuple[Block, Projector, torch.Tensor, torch.Tensor | None]]) -> None:
+        """Project every ``(block, projector, weight-like, bias-like)`` in place: one product per layer, or
+        with ``batch_layers`` one batched product per group of equal shapes (twin: the per-layer loop)."""
+        if not self.batch_layers or len(items) < 2:
+            for item in items:
+                self._project_pair(*item)
+            return
+        groups: dict[tuple, list] = {}
+        for b, proj, w, bias in items:
+            wm, bm = b.read(w, bias)
+            key = (proj.form, proj.dim, tuple(wm.shape[1:]), bm is None, wm.dtype, wm.device)
+            groups.setdefault(key, []).append((b, proj, w, bias, wm, bm))
+        for key, members in groups.items():
+            if len(members) == 1:
+                self._project_pair(*members[0][:4])
+                continue
+            stacked = self._stacked_projector(key, [m[1] for m in members])
+            big_w = torch.cat([m[4] for m in members])  # (sum of groups, rows, d): one copy in ...
+            big_b = None if key[3] else torch.cat([m[5] for m in members])
+            stacked.apply_(big_w, big_b)
+            start = 0
+            for b, _, w, bias, wm, bm in members:  # ... and one copy back
+                stop = start + wm.shape[0]
+                nw, nb = big_w[start:stop], None if big_b is None else big_b[start:stop]
+                if _is_view_of(wm, w) and (bias is None or _is_view_of(bm, bias)):
+                    wm.copy_(nw)
+                    if bm is not None:
+                        bm.copy_(nb)
+                else:
+                    b.write(w, bias, nw, nb)
+                start = stop
+
+    def _stacked_projector(self, key: tuple, projs: list[Projector]) -> Projector:
+        """The projectors' bases stacked along the group axis, zero-padded to the widest (cached until the
+        projectors change)."""
+        cached = self._stacked.get(key)
+        if cached is not None and len(cached[0]) == len(projs) and all(a is b for a, b in zip(cached[0], projs)):
+            return cached[1]
+        width = max(p.basis.shape[-1] for p in projs)
+        first = projs[0].basis
+        basis = first.new_zeros(sum(p.basis.shape[0] for p in projs), first.shape[1], width, dtype=key[4])
+        start = 0
+        for p in projs:
+            basis[start:start + p.basis.shape[0], :, : p.basis.shape[-1]] = p.basis
+            start += p.basis.shape[0]
+        stacked = Projector(projs[0].form, basis, [k for p in projs for k in p.kept_ranks], projs[0].dim)
+        self._stacked[key] = (list(projs), stacked)
+        return stacked
+
+    @torch.no_grad()
     def _project_grads(self) -> None:
+        items = []
         for b, proj in self._active():
             if proj.is_zero and b.bias_rows is None:  # frozen block owning its tensors: skip it entirely
                 for _, p in b.params:
@@ -416,7 +476,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                 b.weight.grad = g_w = torch.zeros_like(b.weight)
             if b.bias is not None and g_b is None:
                 b.bias.grad = g_b = torch.zeros_like(b.bias)
-            self._project_pair(b, proj, g_w, g_b)
+            items.append((b, proj, g_w, g_b))
+        self._project_pairs(items)
         for _, p in self._frozen_params():
             p.grad = None
 
@@ -447,13 +508,16 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         else:
             loss = self.base.step(self._wrap_closure(closure))
         if snapshot is not None:  # W <- W0 + P(W - W0), in place in the parameters (no delta tensors)
-            for b, proj, w0, b0 in snapshot:
-                dw = b.weight.detach().sub_(w0)
-                db = None if b0 is None else b.bias.detach().sub_(b0)
-                self._project_pair(b, proj, dw, db)
-                dw.add_(w0)
-                if db is not None:
-                    db.add_(b0)
+            # (q/k/v row blocks share one bias tensor: each distinct tensor becomes its delta exactly once)
+            before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            for b, _, w0, b0 in snapshot:
+                for t, t0 in ((b.weight, w0), (b.bias, b0)):
+                    if t0 is not None and id(t) not in before:
+                        before[id(t)] = (t.detach().sub_(t0), t0)
+            self._project_pairs([(b, proj, b.weight.detach(), None if b0 is None else b.bias.detach())
+                                 for b, proj, _, b0 in snapshot])
+            for delta, t0 in before.values():
+                delta.add_(t0)
         for p, p0 in frozen_snapshot:
             p.detach().copy_(p0)
         return loss
@@ -558,6 +622,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             st.tasks_folded = rec["tasks_folded"]
             st.clear_task()
         self.projectors = {}
+        self._stacked.clear()
         for name, rec in g["projectors"].items():
             w = mine[name].weight
             self.projectors[name] = Projector(rec["form"], rec["basis"].to(device=w.device, dtype=w.dtype),

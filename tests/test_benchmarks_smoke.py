@@ -17,3 +17,16 @@ def test_overhead_quick_runs_and_prints_the_table():
         assert label in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x |" in line]
     assert len(rows) >= 8
+
+
+def test_overhead_kept_share_fixes_the_ranks_and_rejects_bad_values():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--kept-share", "0.25,0.5"],
+                          capture_output=True, text=True, timeout=120, cwd=SCRIPT.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    layers = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.startswith("  resblocks")}
+    # --quick: width 64 (c_fc's input), hidden 256 (c_proj's input)
+    assert "k=16" in layers["resblocks.0.c_fc"] and "k=128" in layers["resblocks.0.c_proj"]
+    assert "kept shares 0.25,0.5" in done.stdout
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--kept-share", "0.3"], capture_output=True,
+                         text=True, timeout=120, cwd=SCRIPT.parents[1])
+    assert bad.returncode == 2 and "--kept-share" in bad.stderr

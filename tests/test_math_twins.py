@@ -273,8 +273,9 @@ def test_symmetric_gram_at_auto_block_widths_matches_one_gemm(d):
     assert not out[:, d].any() and not out[:, :, d].any()  # nothing written outside the block
 
 
+@pytest.mark.parametrize("batch_layers", [False, True])
 @pytest.mark.parametrize("layout", ["linear", "mha"])
-def test_update_mode_step_matches_explicit_formula(layout):
+def test_update_mode_step_matches_explicit_formula(layout, batch_layers):
     """``mode="update"`` (in place in the parameters) equals ``W0 + P(W_base - W0)`` computed on a copy."""
     import copy
 
@@ -289,7 +290,7 @@ def test_update_mode_step_matches_explicit_formula(layout):
         xs = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64),
               torch.randn(3, 8, dtype=torch.float64))
     opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1), model,
-                             rule=FixedRank(2), mode="update", uncovered="train")
+                             rule=FixedRank(2), mode="update", uncovered="train", batch_layers=batch_layers)
     with opt.collect(), torch.no_grad():
         model(*xs)
     opt.end_task()
@@ -336,3 +337,72 @@ def test_update_mode_step_matches_explicit_formula(layout):
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expect[n], atol=1e-12, rtol=0)
         assert not torch.equal(p.detach(), w0[n])  # every parameter moved
+
+
+class _EqualShapes(nn.Module):
+    """Layers of repeated shapes for the batched projection: a Linear stack, attention whose k and v
+    projections have equal shapes and share ``in_proj_bias`` rows, grouped convolutions, an ``x @ W`` head."""
+
+    def __init__(self, depth: int, width: int, bias: bool, conv_groups: int) -> None:
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(depth))
+        self.attn = nn.MultiheadAttention(width, 1, kdim=width + 1, vdim=width + 1, bias=bias, batch_first=True)
+        self.convs = nn.ModuleList(nn.Conv1d(2 * conv_groups, 2 * conv_groups, 3, padding=1, groups=conv_groups,
+                                             bias=bias) for _ in range(2))
+        self.ln = nn.Identity()
+        self.head = nn.Parameter(torch.randn(width, 3))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        for lin in self.lins:
+            x = torch.tanh(lin(x))
+        x = x + self.attn(x, kv, kv, need_weights=False)[0]
+        for conv in self.convs:
+            s = torch.tanh(conv(s))
+        return (self.ln(x) @ self.head).sum() + s.sum()
+
+
+@given(st.integers(2, 4), st.integers(2, 6), st.booleans(), st.sampled_from(["grad", "update"]),
+       st.sampled_from(["sgd", "adamw"]), st.integers(0, 6), st.sampled_from([1, 2]), st.integers(0, 99))
+def test_batched_projection_matches_per_layer(depth, width, bias, mode, optim, k, conv_groups, seed):
+    """``batch_layers=True`` (one padded batched product per shape) equals the per-layer loop."""
+    import copy
+
+    from gnsp_optim import FeatureSource, NullSpaceOptimizer
+
+    class VaryingRank:  # a rank rule giving different ranks per layer, so bases of one group are zero-padded
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, lam):
+            self.calls += 1
+            return min(len(lam), (k + self.calls) % (len(lam) + 1))
+
+    torch.manual_seed(seed)
+    model = _EqualShapes(depth, width, bias, conv_groups).double()
+    twin = copy.deepcopy(model)
+    data = [(torch.randn(2, 3, width, dtype=torch.float64), torch.randn(2, 4, width + 1, dtype=torch.float64),
+             torch.randn(2, 2 * conv_groups, 5, dtype=torch.float64)) for _ in range(3)]
+    opts = []
+    for net, batched in ((model, False), (twin, True)):
+        base = (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) if optim == "sgd"
+                else torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1))
+        opt = NullSpaceOptimizer(base, net, rule=VaryingRank(), mode=mode, uncovered="train",
+                                 feature_sources={"head": FeatureSource("ln")}, batch_layers=batched)
+        with opt.collect(), torch.no_grad():
+            net(*data[0])
+        opt.end_task()
+        opts.append(opt)
+    stacked = []
+    real = NullSpaceOptimizer._stacked_projector
+    for net, opt in zip((model, twin), opts):
+        for x in data[1:]:
+            opt.zero_grad()
+            net(*x).backward()
+            if opt.batch_layers:
+                opt._stacked_projector = lambda key, projs, o=opt: stacked.append(len(projs)) or real(o, key, projs)
+            opt.step()
+    active = [b for b, p in opts[1]._active() if not (p.is_zero and b.bias_rows is None)]
+    if len({(opts[1].projectors[b.name].form, b.dim, b.weight.shape) for b in active}) < len(active):
+        assert stacked and max(stacked) >= 2  # at least one group of equal shapes went through one product
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), atol=1e-12, rtol=0, msg=n)

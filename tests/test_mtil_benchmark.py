@@ -147,3 +147,20 @@ def test_quick_run_under_torchrun_with_two_gloo_processes(tmp_path):
     assert len(m["matrix"]) == len(res["tasks"])
     lines = (out / "gnsp+cd+map_update" / "log.jsonl").read_text().splitlines()
     assert [json.loads(x)["task"] for x in lines] == list(range(len(res["tasks"])))  # written once per task
+
+
+def test_diagnostics_compute_chance_forgetting_and_learning_from_the_matrices():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mtil_clip_bench", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    zs = [[30.0, 60.0, 12.0]] * 3
+    ft = [[80.0, 50.0, 10.0],   # task a learnt to 80
+          [40.0, 90.0, 11.0],   # a forgotten to 40; b learnt to 90
+          [50.0, 70.0, 95.0]]   # a 50 (best 80: -30), b 70 (best 90: -20); c 95
+    lines = bench.diagnostics(["a", "b", "c"], [2, 4, 10], {"zeroshot": {"matrix": zs}, "finetune": {"matrix": ft}})
+    assert lines[0] == "zero-shot vs chance: a 30.0 (50.0), b 60.0 (25.0), c 12.0 (10.0)"
+    assert lines[1].startswith("forgetting, finetune: mean 25.0, max 30.0 points")
+    assert lines[2] == ("learning, finetune: mean accuracy on each task right after training on it 88.3 "
+                        "(zero-shot 34.0)")

@@ -410,24 +410,35 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
                              for img, lab in ref_loader]
     model.train()
     scale = model.logit_scale.exp().detach()
+    # when no text-tower parameter trains (GNSP's visual layer preset), text features are constants of the task:
+    # encode the class prompts and the reference captions once instead of every step (same numbers)
+    text_frozen = not any(p.requires_grad for n, p in model.named_parameters()
+                          if not n.startswith("visual.") and n != "logit_scale")
+    prompt_features = ref_text_features = None
+    if text_frozen:
+        with torch.no_grad():
+            prompt_features = model.encode_text(prompts)
+            if (method.cd_weight or method.map_weight) and ref_tokens is not None:
+                ref_text_features = torch.cat([model.encode_text(ref_tokens[k:k + 256])
+                                               for k in range(0, len(ref_tokens), 256)])
     for step in range(task.iterations):
         for g in optimizer.param_groups:
             g["lr"] = task.lr * warmup_cosine(step, task.iterations, warmup)
         images, labels = next(data)
         images, labels = images.to(device), labels.to(device)
-        loss = ce_loss(model.encode_image(images), model.encode_text(prompts), labels, scale,
-                       method.label_smoothing)
+        text = prompt_features if text_frozen else model.encode_text(prompts)
+        loss = ce_loss(model.encode_image(images), text, labels, scale, method.label_smoothing)
         if method.cd_weight or method.map_weight:
             r_img, r_lab = next(ref_iter)
             ref_batch = step % len(ref_features0) if ref_features0 is not None else 0
-            r_img = r_img.to(device)
-            r_tok = ref_tokens[r_lab.to(device)]
-            f_i, f_t = model.encode_image(r_img), model.encode_text(r_tok)
+            r_img, r_lab = r_img.to(device), r_lab.to(device)
+            f_i = model.encode_image(r_img)
+            f_t = ref_text_features[r_lab] if text_frozen else model.encode_text(ref_tokens[r_lab])
             if method.cd_weight:
                 f_i0, f_t0 = ref_features0[ref_batch]
                 loss = loss + method.cd_weight * cd_loss(f_i, f_t, f_i0, f_t0, scale, method.cd_temperature)
             if method.map_weight:
-                loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab.to(device), scale,
+                loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab, scale,
                                                            method.label_smoothing)
         if init_params is not None:
             l2 = sum(((p - init_params[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)

@@ -203,11 +203,25 @@ class CLIP(nn.Module):
         """``(B, 3, S, S)`` normalised pixels -> unnormalised ``(B, embed_dim)``."""
         return self.visual(images)
 
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, L)`` token ids (``L <= context_length``) -> unnormalised ``(B, embed_dim)``."""
+    def encode_text(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+        """``(B, L)`` token ids (``L <= context_length``) -> unnormalised ``(B, embed_dim)``.
+
+        The features are read at each row's EOT token (its largest id) and attention is causal, so the padding
+        after the last EOT of the batch cannot change them: ``trim=True`` (default) drops it before the
+        transformer (the same numbers up to round-off, for a fraction of the cost on short captions).
+
+        Example:
+            >>> m = CLIP(CLIPConfig.tiny(vocab_size=10, context_length=8)).eval()
+            >>> t = torch.tensor([[8, 3, 9, 0, 0, 0, 0, 0]])
+            >>> torch.allclose(m.encode_text(t), m.encode_text(t, trim=False), atol=1e-6)
+            True
+        """
         length = tokens.shape[1]
         if length > self.config.context_length:
             raise ValueError(f"{length} tokens > context_length {self.config.context_length}")
+        if trim and length > 1 and tokens.numel() and not torch.jit.is_tracing():
+            length = int(tokens.argmax(dim=-1).max()) + 1
+            tokens = tokens[:, :length]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]
         mask = self.attn_mask[:length, :length].to(x.dtype)
         x = self.ln_final(self.transformer(x, mask))

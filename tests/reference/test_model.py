@@ -313,3 +313,25 @@ def test_make_preprocess_is_picklable_and_equal():
     transform = pickle.loads(pickle.dumps(make_preprocess(16)))
     image = Image.new("RGB", (20, 30), (1, 2, 3))
     torch.testing.assert_close(transform(image), preprocess_image(image, 16))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.integers(0, 15), min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+def test_trimmed_text_padding_equals_full_length(eot_positions, seed):
+    """``encode_text`` drops the padding after the batch's last EOT; ``trim=False`` (the full context) is its
+    twin, including rows whose EOT sits at the last position and rows much shorter than the longest."""
+    model = _SHARED_MODEL
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(len(eot_positions), 16, dtype=torch.long)
+    for row, eot in enumerate(eot_positions):
+        tokens[row, :eot] = torch.randint(1, 998, (eot,), generator=g)
+        tokens[row, eot] = 999
+    calls = []
+    hook = model.transformer.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            fast, full = model.encode_text(tokens), model.encode_text(tokens, trim=False)
+    finally:
+        hook.remove()
+    assert calls == [max(eot_positions) + 1, 16]  # the trimmed pass really is shorter
+    torch.testing.assert_close(fast, full, rtol=1e-10, atol=1e-10)
