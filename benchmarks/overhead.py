@@ -19,9 +19,15 @@ Layer inputs are synthetic power-law activations: ``X = diag(s) Q^T`` with a ran
 ``--kept-share FC,PROJ`` replaces the rank rule (on both sides) by fixed shares of the input dimension, e.g.
 the shares a trained model's projectors show in ``opt.report()``.
 
+``--clip-step`` times instead a whole CLIP training step (both towers forward, contrastive loss against class
+prompts, backward, optimizer step) with GNSP's layer preset training (visual MLPs + ``visual.proj``): plain
+AdamW against GNSP in grad and update mode, plus the collecting forward and ``end_task`` at that scale.
+``--device cuda`` runs it under bf16 autocast (ViT-B/16 by default, ``--quick`` a tiny CLIP).
+
 Run::
 
     python benchmarks/overhead.py            # 2 MLP blocks at ViT-B/16 widths
+    python benchmarks/overhead.py --clip-step --device cuda --batch 64   # ViT-B/16 step on a GPU, bf16
     python benchmarks/overhead.py --kept-share 0.27,0.13
     python benchmarks/overhead.py --full     # 12 blocks + visual.proj (minutes)
     python benchmarks/overhead.py --quick    # tiny widths, seconds (used by the smoke test)
@@ -159,7 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared machine extra threads stall each other)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clip-step", action="store_true",
+                    help="time a whole CLIP training step (ViT-B/16; --quick: tiny) instead of the layer kernels")
+    ap.add_argument("--device", default="cpu", help="--clip-step: cpu or cuda")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="--clip-step: bf16 autocast (default: on for cuda, off for cpu)")
     args = ap.parse_args(argv)
+    if args.clip_step:
+        return clip_step(args, ap)
 
     width, hidden, head, blocks, batch, tokens = 768, 3072, None, args.blocks, args.batch, args.tokens
     rounds, slow_rounds = args.rounds or 7, max(2, (args.rounds or 7) // 2)
@@ -170,18 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds, slow_rounds = args.rounds or 3, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    rule = None
-    if args.kept_share:
-        try:
-            share_fc, share_proj = (float(v) for v in args.kept_share.split(","))
-        except ValueError:
-            ap.error(f"--kept-share wants two numbers FC,PROJ, got {args.kept_share!r}")
-        if not (0.0 <= share_fc <= 1.0 and 0.0 <= share_proj <= 1.0):
-            ap.error(f"--kept-share: shares must lie in [0, 1], got {args.kept_share!r}")
-
-        def rule(lam: torch.Tensor) -> int:  # c_proj's input (hidden, +1 with a bias) vs everything else
-            d = lam.numel()
-            return round((share_proj if d in (hidden, hidden + 1) else share_fc) * d)
+    rule = kept_share_rule(args, ap, hidden)
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     warnings.filterwarnings("ignore", message="GNSP: ")
@@ -389,6 +391,155 @@ def main(argv: list[str] | None = None) -> int:
         k = r["kept_rank"]
         print(f"  {r['layer']:<28} d={d:<5} k={k:<5} width={min(k, d - k):<5} "
               f"{r['projector_bytes'] / 2**20:7.2f} vs {d * d * 4 / 2**20:7.2f}")
+    return 0
+
+
+def kept_share_rule(args: argparse.Namespace, ap: argparse.ArgumentParser,
+                    hidden: int) -> Callable[[torch.Tensor], int] | None:
+    """``--kept-share FC,PROJ`` as a rank rule: ``PROJ`` of the dimension for ``c_proj``'s ``hidden``-d input
+    (``hidden + 1`` with a bias), ``FC`` of it for every other layer; None without the option."""
+    if not args.kept_share:
+        return None
+    try:
+        share_fc, share_proj = (float(v) for v in args.kept_share.split(","))
+    except ValueError:
+        ap.error(f"--kept-share wants two numbers FC,PROJ, got {args.kept_share!r}")
+    if not (0.0 <= share_fc <= 1.0 and 0.0 <= share_proj <= 1.0):
+        ap.error(f"--kept-share: shares must lie in [0, 1], got {args.kept_share!r}")
+
+    def rule(lam: torch.Tensor) -> int:
+        d = lam.numel()
+        return round((share_proj if d in (hidden, hidden + 1) else share_fc) * d)
+
+    return rule
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clip_step(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """``--clip-step``: a whole CLIP training step, plain AdamW vs GNSP (grad / update mode), side by side."""
+    import contextlib
+    import fnmatch
+
+    import torch.nn.functional as F
+
+    from gnsp_optim import GNSP_CLIP_VISUAL
+    from gnsp_optim.reference.model import CLIP, CLIPConfig
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    bf16 = (device.type == "cuda") if args.bf16 is None else args.bf16
+    if args.threads and device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    cfg = CLIPConfig.tiny(vision_layers=2, text_layers=2) if args.quick else CLIPConfig.vit_b16()
+    rounds = args.rounds or (3 if args.quick else 10)
+    batch = args.batch if not args.quick else min(args.batch, 4)
+    torch.manual_seed(args.seed)
+    warnings.filterwarnings("ignore", message="GNSP: ")
+    model = CLIP(cfg).to(device)
+    for name, p in model.named_parameters():  # GNSP's preset trains, on both sides; everything else is frozen
+        p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in GNSP_CLIP_VISUAL))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    size = cfg.image_size
+    images = torch.randn(batch, 3, size, size, generator=gen).to(device)
+    n_classes, length = 20, min(cfg.context_length, 16)
+    tokens = torch.randint(1, cfg.vocab_size - 1, (n_classes, cfg.context_length), generator=gen)
+    tokens[:, length - 1] = cfg.vocab_size - 1  # EOT
+    tokens[:, length:] = 0
+    tokens = tokens.to(device)
+    labels = torch.randint(0, n_classes, (batch,), generator=gen).to(device)
+    amp = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    sources = {"visual.proj": FeatureSource("visual.ln_post", select=lambda t: t[:, 0] if t.dim() == 3 else t)}
+
+    rule = kept_share_rule(args, ap, 4 * cfg.vision_width)
+
+    def make(mode: str) -> NullSpaceOptimizer:
+        return NullSpaceOptimizer(torch.optim.AdamW(trainable, lr=1e-5), model, rho=args.rho, rule=rule,
+                                  mode=mode, protect=GNSP_CLIP_VISUAL, feature_sources=sources)
+
+    plain = torch.optim.AdamW(trainable, lr=1e-5)
+    grad_opt, update_opt = make("grad"), make("update")
+    stat_images = [torch.randn(batch, 3, size, size, generator=gen).to(device) for _ in range(4)]
+
+    def collect_pass() -> None:
+        with grad_opt.collect(), torch.no_grad(), amp():
+            for x in stat_images:
+                model.encode_image(x)
+        _sync(device)
+
+    def end_task() -> None:
+        grad_opt.end_task()
+        _sync(device)
+
+    model.eval()
+    with torch.no_grad(), amp():
+        model.encode_image(images)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    collect_pass()
+    t_collect_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    end_task()
+    t_end = time.perf_counter() - t0
+    update_opt.projectors = grad_opt.projectors  # the same projectors, update mode
+    for h in update_opt._handles:
+        h.remove()
+
+    def plain_forward() -> None:
+        with torch.no_grad(), amp():
+            model.encode_image(images)
+        _sync(device)
+
+    def collecting_forward() -> None:
+        with grad_opt.collect(), torch.no_grad(), amp():
+            model.encode_image(images)
+        _sync(device)
+
+    fwd = interleaved({"plain": plain_forward, "collect": collecting_forward}, rounds)
+    grad_opt.discard_collection()
+    model.train()
+
+    def train_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
+        def run() -> None:
+            opt.zero_grad(set_to_none=True)
+            with amp():
+                img = F.normalize(model.encode_image(images), dim=-1)
+                txt = F.normalize(model.encode_text(tokens), dim=-1)
+                loss = F.cross_entropy(100.0 * img @ txt.T, labels)
+            loss.backward()
+            opt.step()
+            _sync(device)
+        return run
+
+    variants = {"adamw": train_step(plain), "gnsp_grad": train_step(grad_opt), "gnsp_update": train_step(update_opt)}
+    for f in variants.values():  # warm-up: kernels, allocator, AdamW state
+        f()
+    st = interleaved(variants, rounds)
+    ranks = [(r["layer"], r["input_dim"], r["kept_rank"]) for r in grad_opt.report()]
+    print(f"# gnsp_optim --clip-step, {datetime.date.today().isoformat()}, {device.type}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, torch "
+          f"{torch.__version__}, {'bf16 autocast' if bf16 else 'float32'}")
+    print(f"# CLIP {'tiny' if args.quick else 'ViT-B/16'}, batch {batch} images + {n_classes} prompts; "
+          f"trains {len(trainable)} tensors (GNSP_CLIP_VISUAL), "
+          f"{f'kept shares {args.kept_share}' if rule else f'rho={args.rho}'}; {rounds} interleaved rounds")
+    print()
+    print("| measurement | time | ratio |")
+    print("|---|---|---|")
+    print(f"| training step, AdamW alone | {fmt_t(st['adamw'])} | 1.00x |")
+    for key, label in (("gnsp_grad", "GNSP grad mode"), ("gnsp_update", "GNSP update mode")):
+        print(f"| training step, AdamW + {label} | {fmt_t(st[key])} | {st[key] / st['adamw']:.2f}x |")
+    print(f"| image forward, plain | {fmt_t(fwd['plain'])} | 1.00x |")
+    print(f"| image forward, collect() open | {fmt_t(fwd['collect'])} | {fwd['collect'] / fwd['plain']:.2f}x |")
+    print(f"| statistics pass ({len(stat_images)} batches, first call) | {fmt_t(t_collect_first)} | - |")
+    print(f"| end_task ({len(ranks)} layers) | {fmt_t(t_end)} | - |")
+    print()
+    print("kept ranks: " + ", ".join(f"{n.replace('visual.transformer.resblocks.', '')} {k}/{d}"
+                                    for n, d, k in ranks))
     return 0
 
 

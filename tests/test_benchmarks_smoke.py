@@ -30,3 +30,20 @@ def test_overhead_kept_share_fixes_the_ranks_and_rejects_bad_values():
     bad = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--kept-share", "0.3"], capture_output=True,
                          text=True, timeout=120, cwd=SCRIPT.parents[1])
     assert bad.returncode == 2 and "--kept-share" in bad.stderr
+
+
+def test_overhead_clip_step_quick_times_a_whole_training_step():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--clip-step", "--quick", "--bf16"], capture_output=True,
+                          text=True, timeout=120, cwd=SCRIPT.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "bf16 autocast" in out and "CLIP tiny" in out
+    for label in ("AdamW alone", "GNSP grad mode", "GNSP update mode", "collect() open", "end_task"):
+        assert label in out
+    assert "kept ranks: 0.mlp.c_fc" in out and "visual.proj" in out
+    missing = subprocess.run([sys.executable, str(SCRIPT), "--clip-step", "--quick", "--device", "cuda"],
+                             capture_output=True, text=True, timeout=120, cwd=SCRIPT.parents[1])
+    import torch
+
+    if not torch.cuda.is_available():
+        assert missing.returncode == 2 and "no CUDA device" in missing.stderr
