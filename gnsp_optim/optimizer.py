@@ -250,6 +250,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     def _refresh_after_rebuild(self) -> None:
         """After ``add_param_group`` past the first task: projectors must fit the new blocks, layers with no
         statistics are frozen (they never saw the old tasks), and the uncovered policy applies to newcomers."""
+        self._stacked.clear()
         for b in self.blocks:
             proj = self.projectors.get(b.name)
             if proj is not None and proj.dim == b.dim:
@@ -444,14 +445,15 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                 start = stop
 
     def _stacked_projector(self, key: tuple, projs: list[Projector]) -> Projector:
-        """The projectors' bases stacked along the group axis, zero-padded to the widest (cached until the
-        projectors change)."""
+        """The projectors' bases stacked along the group axis, zero-padded to the widest (cached per member
+        list until the projectors change: the gradient and the update pass may group different members)."""
+        key = (key, tuple(id(p) for p in projs))  # the cache holds the projectors, so their ids stay unique
         cached = self._stacked.get(key)
-        if cached is not None and len(cached[0]) == len(projs) and all(a is b for a, b in zip(cached[0], projs)):
+        if cached is not None:
             return cached[1]
         width = max(p.basis.shape[-1] for p in projs)
         first = projs[0].basis
-        basis = first.new_zeros(sum(p.basis.shape[0] for p in projs), first.shape[1], width, dtype=key[4])
+        basis = first.new_zeros(sum(p.basis.shape[0] for p in projs), first.shape[1], width, dtype=key[0][4])
         start = 0
         for p in projs:
             basis[start:start + p.basis.shape[0], :, : p.basis.shape[-1]] = p.basis

@@ -406,3 +406,26 @@ def test_batched_projection_matches_per_layer(depth, width, bias, mode, optim, k
         assert stacked and max(stacked) >= 2  # at least one group of equal shapes went through one product
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(q.detach(), p.detach(), atol=1e-12, rtol=0, msg=n)
+
+
+def test_batched_projection_cache_survives_passes_with_different_members():
+    """Update mode projects the gradients of the layers that have one, then the changes of every layer: two
+    member lists per shape, both cached (a single slot per shape was rebuilt twice per step)."""
+    from gnsp_optim import NullSpaceOptimizer
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+    opt = NullSpaceOptimizer(torch.optim.AdamW(layers.parameters(), lr=1e-2), layers, rho=0.3, mode="update",
+                             batch_layers=True)
+    with opt.collect(), torch.no_grad():
+        for lin in layers:
+            lin(torch.randn(64, 16))
+    opt.end_task()
+    built = []
+    real = NullSpaceOptimizer._stacked_projector
+    opt._stacked_projector = lambda key, projs: built.append(real(opt, key, projs)) or built[-1]
+    for _ in range(5):
+        opt.zero_grad()
+        (layers[0](torch.randn(8, 16)).sum() + layers[1](torch.randn(8, 16)).sum()).backward()  # layers[2] idle
+        opt.step()
+    assert len(built) == 10 and len({id(s) for s in built}) == 2

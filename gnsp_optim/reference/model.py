@@ -65,6 +65,20 @@ class CLIPConfig:
         return replace(base, **overrides)
 
 
+def _tracing() -> bool:
+    """True under ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` (no data-dependent shapes there)."""
+    if torch.jit.is_tracing():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        try:
+            from torch._dynamo import is_compiling
+        except ImportError:
+            return False
+    return bool(is_compiling())
+
+
 class QuickGELU(nn.Module):
     """OpenAI CLIP's GELU approximation ``x * sigmoid(1.702 x)``. Example: ``QuickGELU()(torch.ones(2))``."""
 
@@ -208,7 +222,10 @@ class CLIP(nn.Module):
 
         The features are read at each row's EOT token (its largest id) and attention is causal, so the padding
         after the last EOT of the batch cannot change them: ``trim=True`` (default) drops it before the
-        transformer (the same numbers up to round-off, for a fraction of the cost on short captions).
+        transformer (the same numbers up to round-off, for a fraction of the cost on short captions). Forward
+        hooks then see only the kept positions, so statistics collected through ``encode_text`` leave out
+        padding that cannot affect the features; ``trim=False`` records the full context. Under
+        ``torch.compile`` / ``torch.export`` / tracing nothing is trimmed (the length would depend on data).
 
         Example:
             >>> m = CLIP(CLIPConfig.tiny(vocab_size=10, context_length=8)).eval()
@@ -219,7 +236,7 @@ class CLIP(nn.Module):
         length = tokens.shape[1]
         if length > self.config.context_length:
             raise ValueError(f"{length} tokens > context_length {self.config.context_length}")
-        if trim and length > 1 and tokens.numel() and not torch.jit.is_tracing():
+        if trim and length > 1 and tokens.numel() and not _tracing():
             length = int(tokens.argmax(dim=-1).max()) + 1
             tokens = tokens[:, :length]
         x = self.token_embedding(tokens) + self.positional_embedding[:length]

@@ -335,3 +335,14 @@ def test_trimmed_text_padding_equals_full_length(eot_positions, seed):
         hook.remove()
     assert calls == [max(eot_positions) + 1, 16]  # the trimmed pass really is shorter
     torch.testing.assert_close(fast, full, rtol=1e-10, atol=1e-10)
+
+
+def test_trimmed_encode_text_compiles_in_one_graph():
+    """Under torch.compile nothing is trimmed (the length would be data-dependent), so ``fullgraph`` holds."""
+    model = _SHARED_MODEL
+    tokens = torch.zeros(2, 16, dtype=torch.long)
+    tokens[0, :3] = torch.tensor([5, 6, 999])
+    tokens[1, :5] = torch.tensor([5, 6, 7, 8, 999])
+    compiled = torch.compile(model.encode_text, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), model.encode_text(tokens), rtol=1e-10, atol=1e-10)
