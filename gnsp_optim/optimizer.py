@@ -493,15 +493,19 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             if closure is None:
                 return self.base.step()
             return self.base.step(self._wrap_closure(closure))
-        snapshot = None
+        after: list[tuple[Block, Projector]] | None = None  # blocks whose change is projected after the step
+        originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, copy before the step)
         frozen_snapshot = []
         if self.mode == "update" or self._split_groups:
             # frozen blocks whose grads are dropped need no snapshot; one sharing a bias (q/k/v rows) does; in
             # grad mode only blocks split over parameter groups are projected after the step
-            snapshot = [(b, proj, b.weight.detach().clone(), None if b.bias is None else b.bias.detach().clone())
-                        for b, proj in self._active()
-                        if (self.mode == "update" or b.name in self._split_groups)
-                        and (not proj.is_zero or b.bias_rows is not None)]
+            after = [(b, proj) for b, proj in self._active()
+                     if (self.mode == "update" or b.name in self._split_groups)
+                     and (not proj.is_zero or b.bias_rows is not None)]
+            for b, _ in after:  # q/k/v row blocks share one bias tensor: it is copied (and restored) once
+                for t in (b.weight, b.bias):
+                    if t is not None and id(t) not in originals:
+                        originals[id(t)] = (t.detach(), t.detach().clone())
         if self.mode == "update":  # some optimizers (LBFGS) move parameters that have no gradient
             frozen_snapshot = [(p, p.detach().clone()) for _, p in self._frozen_params()]
         if closure is None:
@@ -509,17 +513,13 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             loss = self.base.step()
         else:
             loss = self.base.step(self._wrap_closure(closure))
-        if snapshot is not None:  # W <- W0 + P(W - W0), in place in the parameters (no delta tensors)
-            # (q/k/v row blocks share one bias tensor: each distinct tensor becomes its delta exactly once)
-            before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            for b, _, w0, b0 in snapshot:
-                for t, t0 in ((b.weight, w0), (b.bias, b0)):
-                    if t0 is not None and id(t) not in before:
-                        before[id(t)] = (t.detach().sub_(t0), t0)
-            self._project_pairs([(b, proj, b.weight.detach(), None if b0 is None else b.bias.detach())
-                                 for b, proj, _, b0 in snapshot])
-            for delta, t0 in before.values():
-                delta.add_(t0)
+        if after is not None:  # W <- W0 + P(W - W0), in place in the parameters (no delta tensors)
+            for t, t0 in originals.values():
+                t.sub_(t0)
+            self._project_pairs([(b, proj, b.weight.detach(), None if b.bias is None else b.bias.detach())
+                                 for b, proj in after])
+            for t, t0 in originals.values():
+                t.add_(t0)
         for p, p0 in frozen_snapshot:
             p.detach().copy_(p0)
         return loss

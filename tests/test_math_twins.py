@@ -47,15 +47,21 @@ def test_rank_rule_examples_and_errors():
             bad()
 
 
+def _random_projector(groups: int, dim: int, k_raw: int, gen: torch.Generator):
+    """A projector over ``groups`` random orthonormal bases of ``dim`` with ranks derived from ``k_raw``;
+    returns ``(projector, bases q, ranks)``."""
+    ranks = [min(dim, (k_raw + g) % (dim + 1)) for g in range(groups)]
+    q = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=gen))[0]
+    null = torch.stack([q[g].roll(-ranks[g], dims=1) for g in range(groups)])
+    return Projector.from_bases(q, null, ranks), q, ranks
+
+
 @given(st.integers(1, 3), st.integers(2, 12), st.integers(1, 6), st.integers(0, 12), st.booleans(),
        st.integers(0, 1000))
 def test_projector_matches_dense_reference(groups, d, rows, k_raw, with_bias, seed):
     gen = torch.Generator().manual_seed(seed)
     dim = d + int(with_bias)
-    ranks = [min(dim, (k_raw + g) % (dim + 1)) for g in range(groups)]
-    q = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=gen))[0]
-    null = torch.stack([q[g].roll(-ranks[g], dims=1) for g in range(groups)])
-    proj = Projector.from_bases(q, null, ranks)
+    proj, q, ranks = _random_projector(groups, dim, k_raw, gen)
     assert proj.basis.shape[-1] == max(min(k, dim - k) for k in ranks) or proj.form in ("kept", "null")
     w = torch.randn(groups, rows, d, dtype=torch.float64, generator=gen)
     b = torch.randn(groups, rows, 1, dtype=torch.float64, generator=gen) if with_bias else None
@@ -175,10 +181,7 @@ def test_eigh_descending_sorts_and_retries_in_float64(monkeypatch):
 def test_in_place_projection_matches_apply(groups, d, rows, k_raw, with_bias, seed):
     """``Projector.apply_`` (in place, both forms, views included) equals ``apply`` (fresh tensors)."""
     gen = torch.Generator().manual_seed(seed)
-    dim = d + int(with_bias)
-    ranks = [min(dim, (k_raw + g) % (dim + 1)) for g in range(groups)]
-    q = torch.linalg.qr(torch.randn(groups, dim, dim, dtype=torch.float64, generator=gen))[0]
-    proj = Projector.from_bases(q, torch.stack([q[g].roll(-ranks[g], dims=1) for g in range(groups)]), ranks)
+    proj = _random_projector(groups, d + int(with_bias), k_raw, gen)[0]
     w = torch.randn(groups * rows, d, dtype=torch.float64, generator=gen)
     b = torch.randn(groups * rows, dtype=torch.float64, generator=gen) if with_bias else None
     wm, bm = w.view(groups, rows, d), None if b is None else b.view(groups, rows, 1)
