@@ -10,9 +10,10 @@ Example:
     >>> opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters()), model, mode="update")
 """
 
+from .kinds import FeatureSource
 from .optimizer import FORMAT_VERSION, NullSpaceOptimizer
 from .projector import Projector
-from .selection import GNSP_CLIP_VISUAL, FeatureSource
+from .selection import GNSP_CLIP_VISUAL
 from .subspace import CumulativeEnergy, FixedRank, RelativeEigenvalue, TailEnergy
 
 __version__ = "0.1.0"

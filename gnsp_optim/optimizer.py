@@ -1,9 +1,20 @@
 r"""``NullSpaceOptimizer``: wrap any torch optimizer so that training a new task leaves old outputs unchanged.
 
-The data path, in one reading: forward hooks (:mod:`.selection`) feed each protected layer's inputs to its
-statistic (:mod:`.statistics`) while :meth:`NullSpaceOptimizer.collect` is open; :meth:`~NullSpaceOptimizer.end_task`
-folds them into the memory of earlier tasks, eigendecomposes it and applies a rank rule (:mod:`.subspace`) to
-get a projector (:mod:`.projector`); :meth:`~NullSpaceOptimizer.step` applies it.
+The class is a shell (argument checks, delegation to the base optimizer, the public verbs) over plain
+functions. The data path, in one reading:
+
+1. **hook** (:mod:`.hooks`, :mod:`.kinds`): while :meth:`~NullSpaceOptimizer.collect` is open, one forward
+   hook per observed module hands each protected block the rows its weight multiplies;
+2. **statistics** (:mod:`.statistics`): each block's :class:`~.statistics.CovarianceStat` accumulates
+   ``[X | 1]^T [X | 1]``;
+3. **end_task** (:meth:`~NullSpaceOptimizer.end_task`): folds the task into the memory of earlier tasks;
+4. **rule + eigh** (:mod:`.subspace`, :func:`.projector.projector_from_memory`): the memory's eigenvectors,
+   split by the rank rule into occupied and null directions;
+5. **projector -> step** (:mod:`.projector`, :mod:`.projection`): every :meth:`~NullSpaceOptimizer.step`
+   projects the gradients (and in update mode the change the base step made) onto the null space.
+
+Which blocks exist and which are protected: :mod:`.kinds` (discovery) and :mod:`.selection` (patterns,
+presets, ties). Checkpoints: :mod:`.checkpoint`; the report: :mod:`.report`.
 """
 
 from __future__ import annotations
@@ -18,33 +29,45 @@ from typing import Any
 import torch
 from torch import nn
 
-from .projector import Projector
-from .selection import (
-    Block,
-    FeatureSource,
-    clean_name,
-    discover_blocks,
-    install_hooks,
-    parameter_owners,
-    select_blocks,
-    unwrap_model,
-)
+from .checkpoint import FORMAT_VERSION, check_protection_state, pack_protection_state, restore_protection_state
+from .hooks import Gate, Hooks
+from .kinds import Block, FeatureSource, discover_blocks
+from .projection import LINEAR_STATE_KEYS, project_gradients, project_moments, projected_change
+from .projector import Projector, projector_from_memory
+from .report import format_summary, report_rows
+from .selection import clean_name, parameter_owners, select_blocks, unwrap_model
+from .sharding import check_model_supported
 from .statistics import NORMALIZE_MODES
-from .subspace import RankRule, TailEnergy, eigh_descending
+from .subspace import RankRule, TailEnergy
 
-__all__ = ["NullSpaceOptimizer", "FORMAT_VERSION"]
+__all__ = ["NullSpaceOptimizer", "FORMAT_VERSION", "LINEAR_STATE_KEYS"]
 
-FORMAT_VERSION = 1
 MODES = ("grad", "update")
 UNCOVERED = ("freeze", "train", "raise")
-#: optimizer-state entries that are linear in past gradients: projected onto the new null space at end_task.
-#: (Centred RMSprop's ``grad_avg`` is linear too but must stay below ``square_avg``; it is left alone.)
-LINEAR_STATE_KEYS = ("momentum_buffer", "exp_avg")
 
 
-def _is_view_of(view: torch.Tensor, base: torch.Tensor) -> bool:
-    """Whether ``view`` shares the storage of a contiguous ``base`` (writing into it writes into ``base``)."""
-    return base.is_contiguous() and view.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+def _checked_stats_dtype(model: nn.Module, stats_dtype: torch.dtype | None) -> torch.dtype:
+    if stats_dtype is None:  # float32, or float64 for a float64 model
+        dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        stats_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+    if stats_dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
+    return stats_dtype
+
+
+def _check_arguments(base_optim: Any, model: Any, rho: Any, mode: str, uncovered: str, normalize: str) -> None:
+    if isinstance(base_optim, NullSpaceOptimizer):
+        raise TypeError("base_optim is already a NullSpaceOptimizer; wrap the inner optimizer once")
+    if not isinstance(base_optim, torch.optim.Optimizer):
+        raise TypeError(f"base_optim must be a torch.optim.Optimizer, got {type(base_optim).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(rho, numbers.Real) or not (0.0 <= float(rho) < 1.0):  # numpy scalars welcome
+        raise ValueError(f"rho must be a number in [0, 1), got {rho!r}")
+    for name, value, allowed in (("mode", mode, MODES), ("uncovered", uncovered, UNCOVERED),
+                                 ("normalize", normalize, NORMALIZE_MODES)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 class NullSpaceOptimizer(torch.optim.Optimizer):
@@ -120,28 +143,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         sync: bool | None = None,
         batch_layers: bool = False,
     ) -> None:
-        if isinstance(base_optim, NullSpaceOptimizer):
-            raise TypeError("base_optim is already a NullSpaceOptimizer; wrap the inner optimizer once")
-        if not isinstance(base_optim, torch.optim.Optimizer):
-            raise TypeError(f"base_optim must be a torch.optim.Optimizer, got {type(base_optim).__name__}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not isinstance(rho, numbers.Real) or not (0.0 <= float(rho) < 1.0):  # numpy scalars welcome
-            raise ValueError(f"rho must be a number in [0, 1), got {rho!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if uncovered not in UNCOVERED:
-            raise ValueError(f"uncovered must be one of {UNCOVERED}, got {uncovered!r}")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-        if stats_dtype is None:  # float32, or float64 for a float64 model
-            dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
-            stats_dtype = torch.float64 if torch.float64 in dtypes else torch.float32
-        if stats_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"stats_dtype must be torch.float32 or torch.float64, got {stats_dtype}")
-        if isinstance(protect, str):
-            protect = [protect]
-
+        _check_arguments(base_optim, model, rho, mode, uncovered, normalize)
+        stats_dtype = _checked_stats_dtype(model, stats_dtype)
         # torch.optim.Optimizer bookkeeping, without its __init__ (which would build param_groups anew)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -150,24 +153,24 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+        check_model_supported(model, [p for g in base_optim.param_groups for p in g["params"]])  # FSDP: refused
 
-        from .integrations.distributed import check_model_supported  # FSDP shards: refused with the reason
-
-        check_model_supported(model, [p for g in base_optim.param_groups for p in g["params"]])
         self.base = base_optim
         self.model = unwrap_model(model)
         self.rho, self.mode, self.uncovered, self.normalize = float(rho), mode, uncovered, normalize
         self.rule: RankRule = rule if rule is not None else TailEnergy(float(rho))
-        self.protect = None if protect is None else tuple(protect)
+        self.protect = None if protect is None else ((protect,) if isinstance(protect, str) else tuple(protect))
         self.feature_sources = dict(feature_sources or {})
         self.stats_dtype, self.project_state, self.sync = stats_dtype, project_state, sync
         self.batch_layers = bool(batch_layers)
-        self._stacked: dict[tuple, tuple[list[Projector], Projector]] = {}  # batch_layers: padded bases
         self.tasks_seen = 0
         self.projectors: dict[str, Projector] = {}
-        self.frozen: list[str] = []  # names of trained parameters that no block protects (after task 1)
-        self._collecting = False
-        self._handles: list = []
+        #: names of the uncovered parameters the ``"freeze"`` policy holds still (set at the first end_task)
+        self.frozen: list[str] = []
+        self.blocks: list[Block] = []
+        self._stacked: dict = {}  # batch_layers: stacked bases per member list (cleared when projectors change)
+        self._gate = Gate()  # open while collect() is
+        self._hooks = Hooks()
         self._build_blocks()
 
     # ------------------------------------------------------------------ delegation (accelerate's pattern)
@@ -214,63 +217,63 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     def _named_params(self) -> dict[str, nn.Parameter]:
         return {clean_name(n): p for n, p in self.model.named_parameters()}
 
-    def _build_blocks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        named = self._named_params()
+    def _trained_params(self, named: dict[str, nn.Parameter]) -> list[nn.Parameter]:
         trained = [p for g in self.base.param_groups for p in g["params"]]
         ids = [id(p) for p in trained]
         if len(set(ids)) != len(ids):
             raise ValueError("the base optimizer lists a parameter twice")
-        by_id = {id(p): n for n, p in named.items()}
-        if not any(i in by_id for i in ids):
+        known = {id(p) for p in named.values()}
+        if not any(i in known for i in ids):
             raise ValueError("the base optimizer shares no parameter with the model")
-        old = getattr(self, "blocks", [])
+        return trained
+
+    def _build_blocks(self) -> None:
+        """Discover and select the blocks, keep the memory of blocks that existed before, install the hooks."""
+        self._hooks.remove()
+        named = self._named_params()
+        trained = self._trained_params(named)
+        earlier = {b.name: b.stat for b in self.blocks}  # add_param_group: keep what earlier tasks left
+        trainable = {id(p) for p in trained if p.requires_grad}  # requires_grad=False: the user froze it
         candidates = discover_blocks(self.model, self.feature_sources, dtype=self.stats_dtype,
                                      normalize=self.normalize)
-        trainable = {id(p) for p in trained if p.requires_grad}  # requires_grad=False: the user froze it
-        self.blocks: list[Block] = select_blocks(candidates, named, trainable, self.protect,
-                                                 owners=parameter_owners(self.model))
-        for b in self.blocks:  # keep the memory of blocks that existed before an add_param_group
-            prev = next((o for o in old if o.name == b.name), None)
-            if prev is not None:
-                b.stat = prev.stat
+        self.blocks = select_blocks(candidates, named, trainable, self.protect, owners=parameter_owners(self.model))
+        for b in self.blocks:
+            b.stat = earlier.get(b.name, b.stat)
         covered = {id(p) for b in self.blocks for _, p in b.params}
-        self._uncovered = [(by_id.get(id(p), f"<parameter #{i} not in model>"), p)
+        name_of = {id(p): n for n, p in named.items()}
+        self._uncovered = [(name_of.get(id(p), f"<parameter #{i} not in model>"), p)
                            for i, p in enumerate(trained) if id(p) not in covered and p.requires_grad]
         # blocks whose weight and bias sit in different parameter groups (other lr / momentum): projecting the
         # joint gradient is not enough in grad mode, their change is projected after the step as well
         group_of = {id(p): gi for gi, g in enumerate(self.base.param_groups) for p in g["params"]}
         self._split_groups = {b.name for b in self.blocks
                               if b.bias is not None and group_of.get(id(b.bias)) != group_of.get(id(b.weight))}
-        self._handles = install_hooks(self.blocks, lambda: self._collecting)
-        if getattr(self, "tasks_seen", 0) > 0:  # add_param_group after a task boundary
-            self._refresh_after_rebuild()
+        self._hooks = Hooks.install(self.blocks, self._gate)
+        if self.tasks_seen > 0:  # add_param_group after a task boundary
+            self._refit_after_rebuild()
 
-    def _refresh_after_rebuild(self) -> None:
+    def _refit_after_rebuild(self) -> None:
         """After ``add_param_group`` past the first task: projectors must fit the new blocks, layers with no
         statistics are frozen (they never saw the old tasks), and the uncovered policy applies to newcomers."""
         self._stacked.clear()
         for b in self.blocks:
             proj = self.projectors.get(b.name)
-            if proj is not None and proj.dim == b.dim:
+            if proj is not None and proj.dim == b.projector_dim:
                 continue
-            if b.stat.memory is not None:
-                self.projectors[b.name] = self._build_projector(b)
-            else:
+            if b.stat.memory is None:
                 warnings.warn(f"GNSP: layer {b.name!r} was added after a task boundary and has no statistics of "
-                              "earlier tasks; it is frozen until the next end_task()", stacklevel=3)
-                self.projectors[b.name] = self._frozen_projector(b)
-        if self._uncovered:
-            if self.uncovered == "raise":
-                raise ValueError(f"trained parameters not covered by any protection rule: "
-                                 f"{self.uncovered_parameters}")
-            if self.uncovered == "freeze":
-                new = [n for n in self.uncovered_parameters if n not in self.frozen]
-                self.frozen = self.uncovered_parameters
-                if new:
-                    warnings.warn(f"GNSP: parameter(s) {new} are not covered by any protection rule and are "
-                                  "frozen", stacklevel=3)
+                              "earlier tasks; it is frozen until the next end_task()", stacklevel=4)
+            self.projectors[b.name] = self._projector(b, b.stat.memory)
+        if not self._uncovered:
+            return
+        if self.uncovered == "raise":
+            raise ValueError(f"trained parameters not covered by any protection rule: {self.uncovered_parameters}")
+        if self.uncovered == "freeze":
+            new = [n for n in self.uncovered_parameters if n not in self.frozen]
+            self.frozen = self.uncovered_parameters
+            if new:
+                warnings.warn(f"GNSP: parameter(s) {new} are not covered by any protection rule and are frozen",
+                              stacklevel=4)
 
     @property
     def uncovered_parameters(self) -> list[str]:
@@ -297,18 +300,18 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                     model(x)
             opt.end_task()
         """
-        if self._collecting:
+        if self._gate.open:
             raise RuntimeError("collect() is already open")
         if not (0.0 < row_fraction <= 1.0):
             raise ValueError(f"row_fraction must lie in (0, 1], got {row_fraction!r}")
         gen = torch.Generator().manual_seed(seed)
         for b in self.blocks:
             b.stat.row_fraction, b.stat.generator = float(row_fraction), gen
-        self._collecting = True
+        self._gate.open = True
         try:
             yield self
         finally:
-            self._collecting = False
+            self._gate.open = False
             for b in self.blocks:
                 b.stat.row_fraction, b.stat.generator = 1.0, None
 
@@ -325,236 +328,115 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
 
         Raises ``ValueError`` (nothing changed) when a NaN / Inf reached the collection, naming the layers.
         A protected layer that saw no input is warned about by name and frozen (never left unprotected).
+        Every projector is built before any memory changes: an error (e.g. ``eigh`` failing) leaves the
+        memory, the collection and the projectors as they were.
         """
-        if self._collecting:
-            raise RuntimeError("end_task() called while collect() is still open")
-        self._maybe_sync()
-        bad = [b.name for b in self.blocks if not b.stat.task_is_finite()]
-        if bad:
-            raise ValueError(f"non-finite values (NaN/Inf) reached collect() in layer(s) {bad}; the collection "
-                             "was refused and the memory of earlier tasks is unchanged (call "
-                             "discard_collection() and collect again)")
-        if self.tasks_seen == 0 and self.uncovered == "raise" and self._uncovered:
-            raise ValueError(f"trained parameters not covered by any protection rule: "
-                             f"{self.uncovered_parameters}")
+        self._check_collection()
         unseen = [b.name for b in self.blocks if not b.stat.seen]
         if unseen:
             warnings.warn(f"GNSP: protected layer(s) {unseen} saw no input during collect(); they are frozen "
                           "(treated as fully occupied)", stacklevel=2)
-        new: dict[str, Projector] = {}
-        seen_stats = {id(b.stat) for b in self.blocks if b.stat.seen}
+        merged = {b.name: b.stat.merged_memory() for b in self.blocks if b.stat.seen}
+        projectors = {b.name: self._projector(b, merged.get(b.name)) for b in self.blocks}
         for b in self.blocks:
-            if id(b.stat) not in seen_stats:
-                new[b.name] = self._frozen_projector(b)
-        folded: set[int] = set()
-        for b in self.blocks:
-            if id(b.stat) in seen_stats and id(b.stat) not in folded:
-                b.stat.fold()
-                folded.add(id(b.stat))
-        for b in self.blocks:
-            if b.name not in new:
-                new[b.name] = self._build_projector(b)
-            else:
-                b.stat.clear_task()
-        self.projectors = new
+            b.stat.fold(merged.get(b.name))
+        self.projectors = projectors
         self._stacked.clear()
         if self.project_state:
-            self._project_optimizer_state()
+            self._project_moments()
         if self.tasks_seen == 0 and self.uncovered == "freeze" and self._uncovered:
             self.frozen = self.uncovered_parameters
             warnings.warn(f"GNSP: {len(self.frozen)} trained parameter(s) are not covered by any protection "
                           f"rule and are frozen from now on: {self.frozen}", stacklevel=2)
         self.tasks_seen += 1
 
-    def _maybe_sync(self) -> None:
+    def _check_collection(self) -> None:
+        """end_task's preconditions: collection closed, statistics synchronised and finite, policy satisfied."""
+        if self._gate.open:
+            raise RuntimeError("end_task() called while collect() is still open")
+        self._sync_statistics()
+        bad = [b.name for b in self.blocks if not b.stat.task_is_finite()]
+        if bad:
+            raise ValueError(f"non-finite values (NaN/Inf) reached collect() in layer(s) {bad}; the collection "
+                             "was refused and the memory of earlier tasks is unchanged (call "
+                             "discard_collection() and collect again)")
+        if self.tasks_seen == 0 and self.uncovered == "raise" and self._uncovered:
+            raise ValueError(f"trained parameters not covered by any protection rule: {self.uncovered_parameters}")
+
+    def _sync_statistics(self) -> None:
         import torch.distributed as dist
 
         sync = self.sync
         if sync is None:
             sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if sync:
-            for st in {id(b.stat): b.stat for b in self.blocks}.values():
-                st.all_reduce_()
+            for b in self.blocks:
+                b.stat.all_reduce_()
 
-    def _frozen_projector(self, b: Block) -> Projector:
-        d = b.dim
-        eye = torch.eye(d, dtype=b.weight.dtype, device=b.weight.device).expand(b.groups, d, d)
-        return Projector.from_bases(eye, eye[:, :, :0], [d] * b.groups)
+    def _projector(self, b: Block, memory: torch.Tensor | None) -> Projector:
+        """The block's projector from its memory ``(G, d+1, d+1)``; no memory: fully occupied (frozen)."""
+        where = dict(device=b.weight.device, dtype=b.weight.dtype)
+        if memory is None:
+            return Projector.occupying_all(b.projector_dim, b.groups, **where)
+        d = b.projector_dim
+        return projector_from_memory(memory[:, :d, :d], self.rule, b.name, **where)
 
-    def _build_projector(self, b: Block) -> Projector:
-        mem = b.stat.block(with_bias=b.bias is not None)
-        lam, vec = eigh_descending(mem, label=b.name)
-        if isinstance(self.rule, TailEnergy) and self.rule.rho == 0.0:
-            # rho = 0 asks for the null space itself: eigenvalues under the decomposition's round-off floor
-            # (d * eps * largest) are zero; any rho > 0 keeps every eigenvalue and lets the rule decide
-            floor = lam.shape[-1] * torch.finfo(lam.dtype).eps * lam[:, :1]
-            lam = torch.where(lam <= floor, torch.zeros_like(lam), lam)
-        ranks = [int(self.rule(lam[g])) for g in range(b.groups)]
-        null = torch.stack([vec[g].roll(-ranks[g], dims=1) for g in range(b.groups)])
-        proj = Projector.from_bases(vec, null, ranks).to(device=b.weight.device, dtype=b.weight.dtype)
-        proj.eigenvalues = lam.detach().cpu()
-        return proj
+    def _project_moments(self) -> None:
+        if isinstance(self.base, torch.optim.LBFGS):
+            # LBFGS's curvature history is one flat vector over all parameters: it cannot be projected per
+            # layer, so it is dropped at the task boundary
+            self.base.state.clear()
+        project_moments(self.base.state, list(self._active()))
 
     # ------------------------------------------------------------------ projection
     def _active(self) -> Iterator[tuple[Block, Projector]]:
+        """The blocks whose projector restricts anything, with it."""
         for b in self.blocks:
             p = self.projectors.get(b.name)
             if p is not None and not p.is_identity:
                 yield b, p
 
-    @torch.no_grad()
-    def _project_pair(self, b: Block, proj: Projector, w: torch.Tensor, bias: torch.Tensor | None) -> None:
-        wm, bm = b.read(w, bias)
-        if _is_view_of(wm, w) and (bias is None or _is_view_of(bm, bias)):
-            proj.apply_(wm, bm)  # fast path: in place, no copy back (twin: apply + write, test_math_twins)
-            return
-        nw, nb = proj.apply(wm, bm)
-        b.write(w, bias, nw, nb)
+    def _held_still(self) -> list[nn.Parameter]:
+        """The uncovered parameters the ``"freeze"`` policy holds still (none before the first end_task)."""
+        return [p for _, p in self._uncovered] if self.frozen else []
 
-    @torch.no_grad()
-    def _project_pairs(self, items: list[tuple[Block, Projector, torch.Tensor, torch.Tensor | None]]) -> None:
-        """Project every ``(block, projector, weight-like, bias-like)`` in place: one product per layer, or
-        with ``batch_layers`` one batched product per group of equal shapes (twin: the per-layer loop)."""
-        if not self.batch_layers or len(items) < 2:
-            for item in items:
-                self._project_pair(*item)
-            return
-        groups: dict[tuple, list] = {}
-        for b, proj, w, bias in items:
-            wm, bm = b.read(w, bias)
-            key = (proj.form, proj.dim, tuple(wm.shape[1:]), bm is None, wm.dtype, wm.device)
-            groups.setdefault(key, []).append((b, proj, w, bias, wm, bm))
-        for key, members in groups.items():
-            if len(members) == 1:
-                self._project_pair(*members[0][:4])
-                continue
-            stacked = self._stacked_projector(key, [m[1] for m in members])
-            big_w = torch.cat([m[4] for m in members])  # (sum of groups, rows, d): one copy in ...
-            big_b = None if key[3] else torch.cat([m[5] for m in members])
-            stacked.apply_(big_w, big_b)
-            start = 0
-            for b, _, w, bias, wm, bm in members:  # ... and one copy back
-                stop = start + wm.shape[0]
-                nw, nb = big_w[start:stop], None if big_b is None else big_b[start:stop]
-                if _is_view_of(wm, w) and (bias is None or _is_view_of(bm, bias)):
-                    wm.copy_(nw)
-                    if bm is not None:
-                        bm.copy_(nb)
-                else:
-                    b.write(w, bias, nw, nb)
-                start = stop
-
-    def _stacked_projector(self, key: tuple, projs: list[Projector]) -> Projector:
-        """The projectors' bases stacked along the group axis, zero-padded to the widest (cached per member
-        list until the projectors change: the gradient and the update pass may group different members)."""
-        key = (key, tuple(id(p) for p in projs))  # the cache holds the projectors, so their ids stay unique
-        cached = self._stacked.get(key)
-        if cached is not None:
-            return cached[1]
-        width = max(p.basis.shape[-1] for p in projs)
-        first = projs[0].basis
-        basis = first.new_zeros(sum(p.basis.shape[0] for p in projs), first.shape[1], width, dtype=key[0][4])
-        start = 0
-        for p in projs:
-            basis[start:start + p.basis.shape[0], :, : p.basis.shape[-1]] = p.basis
-            start += p.basis.shape[0]
-        stacked = Projector(projs[0].form, basis, [k for p in projs for k in p.kept_ranks], projs[0].dim)
-        self._stacked[key] = (list(projs), stacked)
-        return stacked
-
-    @torch.no_grad()
-    def _project_grads(self) -> None:
-        items = []
-        for b, proj in self._active():
-            if proj.is_zero and b.bias_rows is None:  # frozen block owning its tensors: skip it entirely
-                for _, p in b.params:
-                    p.grad = None
-                continue
-            g_w = b.weight.grad
-            g_b = b.bias.grad if b.bias is not None else None
-            if g_w is None and g_b is None:
-                continue
-            if g_w is None:
-                b.weight.grad = g_w = torch.zeros_like(b.weight)
-            if b.bias is not None and g_b is None:
-                b.bias.grad = g_b = torch.zeros_like(b.bias)
-            items.append((b, proj, g_w, g_b))
-        self._project_pairs(items)
-        for _, p in self._frozen_params():
+    def _project_gradients(self) -> None:
+        project_gradients(list(self._active()), batched=self.batch_layers, cache=self._stacked)
+        for p in self._held_still():
             p.grad = None
 
-    def _frozen_params(self) -> list[tuple[str, nn.Parameter]]:
-        return self._uncovered if self.frozen else []
+    def _change_projection(self) -> contextlib.AbstractContextManager:
+        """What is projected after the base step: in update mode every block's change (and the frozen
+        parameters restored), in grad mode only blocks split over parameter groups."""
+        pairs = [(b, p) for b, p in self._active()
+                 if (self.mode == "update" or b.name in self._split_groups) and (not p.is_zero or b.shares_bias)]
+        # (a frozen block owning its tensors has no gradient, hence no change; one sharing a bias does)
+        if self.mode == "grad" and not pairs:
+            return contextlib.nullcontext()
+        held = self._held_still() if self.mode == "update" else []  # LBFGS moves parameters without gradient
+        return projected_change(pairs, held, batched=self.batch_layers, cache=self._stacked)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Project, then take the base optimizer's step (``mode="update"``: project the change it made too)."""
         if not self.projectors and not self.frozen:
-            if closure is None:
-                return self.base.step()
-            return self.base.step(self._wrap_closure(closure))
-        after: list[tuple[Block, Projector]] | None = None  # blocks whose change is projected after the step
-        originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (tensor, copy before the step)
-        frozen_snapshot = []
-        if self.mode == "update" or self._split_groups:
-            # frozen blocks whose grads are dropped need no snapshot; one sharing a bias (q/k/v rows) does; in
-            # grad mode only blocks split over parameter groups are projected after the step
-            after = [(b, proj) for b, proj in self._active()
-                     if (self.mode == "update" or b.name in self._split_groups)
-                     and (not proj.is_zero or b.bias_rows is not None)]
-            for b, _ in after:  # q/k/v row blocks share one bias tensor: it is copied (and restored) once
-                for t in (b.weight, b.bias):
-                    if t is not None and id(t) not in originals:
-                        originals[id(t)] = (t.detach(), t.detach().clone())
-        if self.mode == "update":  # some optimizers (LBFGS) move parameters that have no gradient
-            frozen_snapshot = [(p, p.detach().clone()) for _, p in self._frozen_params()]
-        if closure is None:
-            self._project_grads()
-            loss = self.base.step()
-        else:
-            loss = self.base.step(self._wrap_closure(closure))
-        if after is not None:  # W <- W0 + P(W - W0), in place in the parameters (no delta tensors)
-            for t, t0 in originals.values():
-                t.sub_(t0)
-            self._project_pairs([(b, proj, b.weight.detach(), None if b.bias is None else b.bias.detach())
-                                 for b, proj in after])
-            for t, t0 in originals.values():
-                t.add_(t0)
-        for p, p0 in frozen_snapshot:
-            p.detach().copy_(p0)
-        return loss
+            return self.base.step() if closure is None else self.base.step(self._projecting(closure))
+        with self._change_projection():
+            if closure is not None:
+                return self.base.step(self._projecting(closure))
+            self._project_gradients()
+            return self.base.step()
 
-    def _wrap_closure(self, closure: Callable[[], float]) -> Callable[[], float]:
+    def _projecting(self, closure: Callable[[], float]) -> Callable[[], float]:
+        """``closure`` followed by the gradient projection (closure-based optimizers: LBFGS, Lightning)."""
         def projected_closure():
             with torch.enable_grad():
                 loss = closure()
             if self.projectors or self.frozen:
-                self._project_grads()
+                self._project_gradients()
             return loss
 
         return projected_closure
-
-    @torch.no_grad()
-    def _project_optimizer_state(self) -> None:
-        if isinstance(self.base, torch.optim.LBFGS):
-            # LBFGS's curvature history is one flat vector over all parameters: it cannot be projected per
-            # layer, so it is dropped at the task boundary
-            self.base.state.clear()
-        for b, proj in self._active():
-            bufs_w = self.base.state.get(b.weight, {})
-            bufs_b = self.base.state.get(b.bias, {}) if b.bias is not None else {}
-            for key in LINEAR_STATE_KEYS:
-                t_w = bufs_w.get(key)
-                t_b = bufs_b.get(key)
-                if not isinstance(t_w, torch.Tensor) or t_w.shape != b.weight.shape:
-                    continue
-                if b.bias is not None and not (isinstance(t_b, torch.Tensor) and t_b.shape == b.bias.shape):
-                    # the bias has no buffer yet: project [t_w | 0]; SGD's momentum buffer for the bias can be
-                    # created from the result (SGD reads it when present), other optimizers' cannot
-                    t_b = torch.zeros_like(b.bias)
-                    if key == "momentum_buffer" and not bufs_b:
-                        self.base.state[b.bias]["momentum_buffer"] = t_b
-                self._project_pair(b, proj, t_w, t_b)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
@@ -565,17 +447,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             >>> sorted(sd)                   # doctest: +SKIP
             ['base', 'gnsp']
         """
-        stats = {}
-        for b in self.blocks:
-            stats[b.name] = {"weight": b.weight_name, "bias": b.bias_name, "dim": b.stat.dim,
-                             "groups": b.groups, "memory": b.stat.memory,
-                             "tasks_folded": b.stat.tasks_folded}
-        projs = {name: {"form": p.form, "basis": p.basis, "kept_ranks": list(p.kept_ranks), "dim": p.dim,
-                        "eigenvalues": p.eigenvalues}
-                 for name, p in self.projectors.items()}
         return {"base": self.base.state_dict(),
-                "gnsp": {"format_version": FORMAT_VERSION, "tasks_seen": self.tasks_seen, "mode": self.mode,
-                         "blocks": stats, "projectors": projs, "frozen": list(self.frozen)}}
+                "gnsp": pack_protection_state(self.blocks, self.projectors, tasks_seen=self.tasks_seen,
+                                              mode=self.mode, frozen=self.frozen)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict`'s output. Everything is checked before anything changes.
@@ -587,81 +461,24 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise ValueError("not a NullSpaceOptimizer state dict (expected keys 'base' and 'gnsp'); to load a "
                              "plain optimizer's state use opt.base.load_state_dict(...)")
         g = state_dict["gnsp"]
-        version = g.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"unknown gnsp state format version {version!r} (this library reads "
-                             f"{FORMAT_VERSION})")
-        mine = {b.name: b for b in self.blocks}
-        theirs = g["blocks"]
-        if set(theirs) != set(mine):
-            missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-            raise ValueError(f"state dict protects other layers: missing {missing}, unexpected {extra}")
-        for name, rec in theirs.items():
-            b = mine[name]
-            if (rec["weight"], rec["bias"], rec["dim"], rec["groups"]) != (b.weight_name, b.bias_name,
-                                                                          b.stat.dim, b.groups):
-                raise ValueError(f"layer {name!r}: saved as weight={rec['weight']!r} bias={rec['bias']!r} "
-                                 f"dim={rec['dim']} groups={rec['groups']}, but this model has "
-                                 f"weight={b.weight_name!r} bias={b.bias_name!r} dim={b.stat.dim} "
-                                 f"groups={b.groups}")
-            mem = rec["memory"]
-            if mem is not None and tuple(mem.shape) != (b.groups, b.stat.dim + 1, b.stat.dim + 1):
-                raise ValueError(f"layer {name!r}: saved memory has shape {tuple(mem.shape)}")
-        for name, rec in g["projectors"].items():
-            if name not in mine:
-                raise ValueError(f"state dict has a projector for unknown layer {name!r}")
-            if rec["dim"] != mine[name].dim:
-                raise ValueError(f"layer {name!r}: saved projector acts on {rec['dim']} inputs, this model's "
-                                 f"on {mine[name].dim}")
-        named = self._named_params()
-        unknown = [n for n in g["frozen"] if n not in named and not n.startswith("<")]
-        if unknown:
-            raise ValueError(f"state dict freezes parameters this model does not have: {unknown}")
+        check_protection_state(g, self.blocks, set(self._named_params()))
         self.base.load_state_dict(state_dict["base"])
-        for name, rec in theirs.items():
-            st = mine[name].stat
-            st.memory = None if rec["memory"] is None else rec["memory"].to(st.dtype).clone()
-            st.tasks_folded = rec["tasks_folded"]
-            st.clear_task()
-        self.projectors = {}
+        self.projectors = restore_protection_state(g, self.blocks)
         self._stacked.clear()
-        for name, rec in g["projectors"].items():
-            w = mine[name].weight
-            self.projectors[name] = Projector(rec["form"], rec["basis"].to(device=w.device, dtype=w.dtype),
-                                              list(rec["kept_ranks"]), rec["dim"], rec.get("eigenvalues"))
         self.frozen = list(g["frozen"])
         self.tasks_seen = int(g["tasks_seen"])
 
     # ------------------------------------------------------------------ introspection
     def report(self) -> list[dict[str, Any]]:
-        """One row per protected layer: parameters, input dimension, kept rank, null dimension, the share of
-        eigenvalue mass left in the null space, projector form and memory.
+        """One row per protected layer: parameters, projector dimension ``input_dim`` (inputs plus the bias
+        column when the bias is protected), kept rank, null dimension, the share of eigenvalue mass left in
+        the null space, projector form and memory (see :func:`gnsp_optim.report.report_rows`).
 
         Example:
             >>> rows = opt.report()          # doctest: +SKIP
             >>> rows[0]["kept_rank"]         # doctest: +SKIP
         """
-        rows = []
-        for b in self.blocks:
-            p = self.projectors.get(b.name)
-            row: dict[str, Any] = {"layer": b.name, "params": [n for n, _ in b.params], "groups": b.groups,
-                                   "input_dim": b.dim, "kept_rank": None, "null_dim": None,
-                                   "null_mass": None, "form": None, "projector_bytes": 0,
-                                   "memory_bytes": 0 if b.stat.memory is None else
-                                   b.stat.memory.numel() * b.stat.memory.element_size()}
-            if p is not None:
-                row["kept_rank"] = sum(p.kept_ranks)
-                row["null_dim"] = b.groups * b.dim - sum(p.kept_ranks)
-                row["form"] = "frozen" if p.is_zero else ("free" if p.is_identity else p.form)
-                row["projector_bytes"] = p.nbytes
-                lam = p.eigenvalues
-                if lam is not None:
-                    lam = lam.to(torch.float64)
-                    tail = sum(float(lam[g, k:].sum()) for g, k in enumerate(p.kept_ranks))
-                    total = float(lam.sum())
-                    row["null_mass"] = tail / total if total > 0 else 0.0
-            rows.append(row)
-        return rows
+        return report_rows(self.blocks, self.projectors)
 
     def summary(self) -> str:
         """A readable table of :meth:`report` plus the frozen parameters.
@@ -669,17 +486,5 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         Example:
             >>> print(opt.summary())         # doctest: +SKIP
         """
-        head = f"{'layer':<44} {'in':>6} {'kept':>6} {'null':>6} {'null mass':>9} {'form':>6} {'proj MB':>8}"
-        lines = [f"NullSpaceOptimizer: mode={self.mode}, rule={self.rule}, tasks seen={self.tasks_seen}",
-                 head, "-" * len(head)]
-        for r in self.report():
-            def fmt(v: Any, spec: str = "") -> str:
-                return "-" if v is None else format(v, spec)
-            lines.append(f"{r['layer'][-44:]:<44} {r['input_dim'] * r['groups']:>6} {fmt(r['kept_rank']):>6} "
-                         f"{fmt(r['null_dim']):>6} {fmt(r['null_mass'], '.2e'):>9} {fmt(r['form']):>6} "
-                         f"{r['projector_bytes'] / 2**20:>8.2f}")
-        total = sum(r["projector_bytes"] for r in self.report())
-        lines.append(f"projectors: {total / 2**20:.2f} MB; frozen parameters: {len(self.frozen)}"
-                     + (f" ({', '.join(self.frozen[:6])}{', ...' if len(self.frozen) > 6 else ''})"
-                        if self.frozen else ""))
-        return "\n".join(lines)
+        title = f"NullSpaceOptimizer: mode={self.mode}, rule={self.rule}, tasks seen={self.tasks_seen}"
+        return format_summary(self.report(), title, self.frozen)

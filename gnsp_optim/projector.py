@@ -11,6 +11,9 @@ Both forms are exact; the cheaper one stores and multiplies by the smaller basis
 (grouped convolutions, the q/k/v rows of attention) with their own bases; bases of different width are
 zero-padded, which changes neither form.
 
+Data path, step 4-5 of 5 (hook -> statistics -> end_task -> rule + eigh -> **projector** -> step):
+:func:`projector_from_memory` builds it at ``end_task``; :mod:`gnsp_optim.projection` applies it each step.
+
 A protected bias is the weight of a constant-1 input: the basis then has ``d + 1`` rows and the last one
 belongs to the bias, so ``[dW | db]`` is projected as one matrix without ever concatenating it.
 
@@ -28,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Projector", "project_reference"]
+from .naive import project_dense as project_reference  # noqa: F401  (its old name)
+from .subspace import RankRule, eigh_descending
+
+__all__ = ["Projector", "projector_from_memory"]
 
 
 @dataclass
@@ -69,6 +75,18 @@ class Projector:
         for g, w in enumerate(widths):
             basis[g, :, :w] = src[g, :, :w]
         return cls(form=form, basis=basis.contiguous(), kept_ranks=list(ranks), dim=d)
+
+    @classmethod
+    def occupying_all(cls, dim: int, groups: int, *, device: torch.device | None = None,
+                      dtype: torch.dtype | None = None) -> Projector:
+        """Every direction occupied: the block is frozen (used for a block that saw no input).
+
+        Example:
+            >>> Projector.occupying_all(3, 2).is_zero
+            True
+        """
+        eye = torch.eye(dim, dtype=dtype, device=device).expand(groups, dim, dim)
+        return cls.from_bases(eye, eye[:, :, :0], [dim] * groups)
 
     @property
     def is_identity(self) -> bool:
@@ -146,15 +164,23 @@ class Projector:
             bias.baddbmm_(coef, b_b.transpose(1, 2), beta=1.0 if keep else 0.0, alpha=-1.0 if keep else 1.0)
 
 
-def project_reference(matrix: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
-    """Slow, obvious projection used by the tests: ``matrix @ (I - U U^T)`` with a dense ``d x d`` projector.
+def projector_from_memory(memory: torch.Tensor, rule: RankRule, label: str, *,
+                          device: torch.device | None = None, dtype: torch.dtype | None = None) -> Projector:
+    """The projector of a block's memory ``(G, d, d)``: ``eigh``, the rule's rank per group, the cheaper basis.
 
-    ``matrix`` is ``(rows, d)`` (bias already appended as a column), ``occupied`` the ``(d, k)`` basis.
+    The eigendecomposition runs in the memory's dtype (:func:`~gnsp_optim.subspace.eigh_descending`, with its
+    float64 retry); the projector is moved to ``device`` / ``dtype`` (the weight's) and keeps the eigenvalues
+    (on the CPU) for reports. ``label`` names the layer in errors.
 
     Example:
-        >>> project_reference(torch.ones(1, 2), torch.tensor([[1.0], [0.0]])).tolist()
-        [[0.0, 1.0]]
+        >>> from gnsp_optim.subspace import TailEnergy
+        >>> mem = torch.diag(torch.tensor([4.0, 1.0, 0.0]))[None]
+        >>> projector_from_memory(mem, TailEnergy(0.0), "demo").kept_ranks
+        [2]
     """
-    d = matrix.shape[-1]
-    dense = torch.eye(d, dtype=matrix.dtype) - occupied @ occupied.T
-    return matrix @ dense
+    lam, vec = eigh_descending(memory, label=label)
+    ranks = [int(rule(lam[g])) for g in range(lam.shape[0])]
+    null = torch.stack([vec[g].roll(-ranks[g], dims=1) for g in range(lam.shape[0])])
+    proj = Projector.from_bases(vec, null, ranks).to(device=device, dtype=dtype)
+    proj.eigenvalues = lam.detach().cpu()
+    return proj

@@ -1,5 +1,10 @@
 r"""Per-layer input statistics: the uncentred covariance of what each protected weight sees.
 
+Data path, step 2 of 5 (hook -> **statistics** -> end_task -> rule + eigh -> projector -> step): the hooks
+(:mod:`.hooks`) call :meth:`CovarianceStat.update` with the rows a weight multiplies; ``end_task`` folds
+the task's sums into the memory of earlier tasks, whose eigendecomposition (:mod:`.subspace`) gives the
+projector.
+
 For inputs ``X`` (``n x d``) the statistic is the augmented Gram matrix of ``[X | 1]``::
 
     [[X^T X,  X^T 1],
@@ -29,9 +34,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["CovarianceStat", "conv_patches", "conv_patches_reference", "NORMALIZE_MODES"]
+__all__ = ["CovarianceStat", "NORMALIZE_MODES"]
 
 NORMALIZE_MODES = ("mean", "sum", "frobenius")
 
@@ -39,22 +43,23 @@ NORMALIZE_MODES = ("mean", "sum", "frobenius")
 class CovarianceStat:
     """Running ``[X | 1]^T [X | 1]`` of one layer input, for ``groups`` independent groups.
 
+    ``dim`` is the layer's input width ``d`` (the constant-1 column is extra: the sums are ``d + 1`` wide).
     ``task_sum`` holds the current task's collection (allocated on first use, freed by :meth:`fold`);
     ``memory`` holds the normalised sum over all finished tasks.
+
+    ``fast=True`` accumulates with in-place GEMMs straight into the buffer, computing only the upper block
+    strips of the symmetric Gram matrix (``gram_block`` wide; None: chosen from ``dim``); ``fast=False`` is
+    the general path (a fresh ``bmm``, then adds), kept as the twin the tests compare against.
     """
 
-    #: accumulate with in-place GEMMs into the buffer when possible (False: the general path; for tests)
-    _fast_path = True
-    #: block width of the symmetric (upper-strips-only) Gram accumulation; None: chosen from the width
-    _gram_block: int | None = None
-
     def __init__(self, name: str, dim: int, groups: int = 1, dtype: torch.dtype = torch.float32,
-                 normalize: str = "mean") -> None:
+                 normalize: str = "mean", *, fast: bool = True, gram_block: int | None = None) -> None:
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"statistics accumulate in float32 or float64, got {dtype}")
         self.name, self.dim, self.groups, self.dtype, self.normalize = name, dim, groups, dtype, normalize
+        self.fast, self.gram_block = fast, gram_block
         self.task_sum: torch.Tensor | None = None
         self.task_count = 0  # rows seen this task (per group)
         self.task_batches = 0
@@ -91,10 +96,10 @@ class CovarianceStat:
             if group is not None:
                 buf = buf[group : group + 1]
             d = self.dim
-            if self._fast_path and self.normalize != "frobenius" and x.shape[0] == buf.shape[0]:
+            if self.fast and self.normalize != "frobenius" and x.shape[0] == buf.shape[0]:
                 # fast path: the GEMM accumulates straight into the buffer's X^T X block (no fresh d x d
                 # tensor, no extra add pass); twin: the general path below (tests/test_math_twins.py)
-                _add_gram_(buf[:, :d, :d], x, self._gram_block)
+                _add_gram_(buf[:, :d, :d], x, self.gram_block)
                 col = x.sum(dim=1)
                 buf[:, :d, d] += col
                 buf[:, d, :d] += col
@@ -149,11 +154,19 @@ class CovarianceStat:
             return self.task_sum / norm[:, None, None]
         return self.task_sum.clone()
 
-    def fold(self) -> None:
-        """Add the current collection to the memory of earlier tasks and clear the collection."""
+    def merged_memory(self) -> torch.Tensor:
+        """The memory as it will be once the current collection is folded in (nothing changes)."""
+        contribution = self.task_contribution()
+        return contribution if self.memory is None else self.memory + contribution.to(self.memory)
+
+    def fold(self, merged: torch.Tensor | None = None) -> None:
+        """Add the current collection to the memory of earlier tasks and clear the collection.
+
+        ``merged``: :meth:`merged_memory`'s result when the caller already computed it (end_task builds every
+        projector before it changes any memory).
+        """
         if self.seen:
-            contribution = self.task_contribution()
-            self.memory = contribution if self.memory is None else self.memory + contribution.to(self.memory)
+            self.memory = self.merged_memory() if merged is None else merged
             self.tasks_folded += 1
         self.clear_task()
 
@@ -174,7 +187,7 @@ def _add_gram_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> 
     Computes only the block-row strips on and above the diagonal (about half the FLOPs of one full GEMM for
     wide inputs) and copies each finished strip's transpose below the diagonal, which is exact because ``out``
     stays symmetric. ``block=None`` picks 256 for ``d >= 2048``, 128 for ``d >= 512`` and one GEMM below.
-    Twin: a single ``baddbmm_`` (the general path of :meth:`CovarianceStat.update`; tests/test_math_twins.py).
+    Twin: ``CovarianceStat(fast=False)``'s one ``bmm`` per batch (tests/test_math_twins.py).
     """
     d = x.shape[-1]
     if block is None:
@@ -185,66 +198,3 @@ def _add_gram_(out: torch.Tensor, x: torch.Tensor, block: int | None = None) -> 
         out[:, i0:i1, i0:].baddbmm_(xt[:, i0:i1], x[:, :, i0:])
         if i1 < d:
             out[:, i1:, i0:i1] = out[:, i0:i1, i1:].transpose(1, 2)
-
-
-def conv_patches(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The patches a ``Conv1d`` / ``Conv2d`` multiplies its weight with: ``(G, n_patches, C/G * prod(k))``.
-
-    Padding (any ``padding_mode``, string paddings included), stride and dilation are applied exactly as the
-    convolution applies them; the feature order matches ``weight.view(out, -1)``.
-
-    Example:
-        >>> conv = torch.nn.Conv2d(2, 4, 3, padding=1, groups=2)
-        >>> tuple(conv_patches(conv, torch.randn(5, 2, 6, 6)).shape)
-        (2, 180, 9)
-    """
-    spatial = len(module.kernel_size)
-    if x.dim() == spatial + 1:  # unbatched input
-        x = x.unsqueeze(0)
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    pad = list(module._reversed_padding_repeated_twice)
-    if any(pad):
-        x = F.pad(x, pad, mode=mode)
-    if spatial == 1:
-        x = x.unsqueeze(2)
-        kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
-    else:
-        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # (N, C*k, L)
-    groups = module.groups
-    n, ck, length = cols.shape
-    cols = cols.view(n, groups, ck // groups, length).permute(1, 0, 3, 2)
-    return cols.reshape(groups, n * length, ck // groups)
-
-
-def conv_patches_reference(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Slow, obvious twin of :func:`conv_patches`: reads each patch out of ``x`` with explicit loops.
-
-    Only for zero padding with integer ``padding`` (what the tests compare on). Example:
-        >>> conv = torch.nn.Conv1d(1, 1, 2)
-        >>> conv_patches_reference(conv, torch.arange(3.0).view(1, 1, 3)).tolist()
-        [[[0.0, 1.0], [1.0, 2.0]]]
-    """
-    spatial = len(module.kernel_size)
-    if x.dim() == spatial + 1:
-        x = x.unsqueeze(0)
-    if spatial == 1:
-        x = x.unsqueeze(2)
-        k, s, dil, p = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation), (0, *module.padding)
-    else:
-        k, s, dil, p = module.kernel_size, module.stride, module.dilation, module.padding
-    x = F.pad(x, (p[1], p[1], p[0], p[0]))
-    n, c, h, w = x.shape
-    g = module.groups
-    cg = c // g
-    out_h = (h - dil[0] * (k[0] - 1) - 1) // s[0] + 1
-    out_w = (w - dil[1] * (k[1] - 1) - 1) // s[1] + 1
-    rows: list[list[torch.Tensor]] = [[] for _ in range(g)]
-    for gi in range(g):
-        for b in range(n):
-            for i in range(out_h):
-                for j in range(out_w):
-                    patch = [x[b, gi * cg + ch, i * s[0] + a * dil[0], j * s[1] + e * dil[1]]
-                             for ch in range(cg) for a in range(k[0]) for e in range(k[1])]
-                    rows[gi].append(torch.stack(patch))
-    return torch.stack([torch.stack(r) for r in rows])

@@ -5,8 +5,11 @@ sorted by eigenvalue, split the input space into the *occupied* directions (larg
 earlier tasks live there) and the *null* directions (the tail). A **rank rule** decides how many leading
 directions count as occupied; everything after them is where updates are allowed.
 
-A rank rule is any callable ``rule(eigenvalues) -> k`` taking the eigenvalues in descending order (clamped at
-zero, float64) and returning the number ``k`` of occupied directions, ``0 <= k <= len(eigenvalues)``.
+A rank rule is any callable ``rule(eigenvalues) -> k`` taking one group's eigenvalues in descending order
+(clamped at zero, in the decomposition's dtype) and returning the number ``k`` of occupied directions,
+``0 <= k <= len(eigenvalues)``. Data path, step 4 of 5 (hook -> statistics -> end_task -> **rule + eigh**
+-> projector -> step): :func:`eigh_descending` decomposes a block's memory, the rule splits the spectrum, and
+:func:`gnsp_optim.projector.projector_from_memory` turns the split into a :class:`~gnsp_optim.Projector`.
 
 Example:
     >>> import torch
@@ -19,11 +22,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .naive import tail_energy_rank_loop as tail_energy_rank_reference  # noqa: F401  (its old name)
 
 RankRule = Callable[[torch.Tensor], int]
 
@@ -34,7 +38,6 @@ __all__ = [
     "RelativeEigenvalue",
     "FixedRank",
     "tail_energy_rank",
-    "tail_energy_rank_reference",
     "eigh_descending",
 ]
 
@@ -58,31 +61,17 @@ def tail_energy_rank(eigenvalues: torch.Tensor, rho: float) -> int:
     return int(torch.nonzero(tails <= rho * total)[0, 0])
 
 
-def tail_energy_rank_reference(eigenvalues: list[float], rho: float) -> int:
-    """Slow, obvious twin of :func:`tail_energy_rank` (a loop over k), used by the tests.
-
-    Example:
-        >>> tail_energy_rank_reference([3.0, 1.0, 0.0], 0.3)
-        1
-    """
-    lam = [max(float(v), 0.0) for v in eigenvalues]
-    total = math.fsum(lam)
-    if total <= 0.0:
-        return 0
-    for k in range(len(lam) + 1):
-        if math.fsum(lam[k:]) <= rho * total:
-            return k
-    return len(lam)  # pragma: no cover - the loop always returns at k = len(lam)
-
-
 @dataclass(frozen=True)
 class TailEnergy:
     """Keep the fewest leading directions whose complement holds at most ``rho`` of the eigenvalue mass.
 
-    GNSP's rule (default ``rho = 0.15``); ``rho -> 0`` gives the exact null space.
+    GNSP's rule (default ``rho = 0.15``). ``rho = 0`` gives the numerical null space: eigenvalues under
+    ``d * eps * largest`` (``eps`` of the eigenvalues' dtype, i.e. of the decomposition) count as zero.
 
     Example:
         >>> TailEnergy(0.15)(torch.tensor([10.0, 5.0, 0.5, 0.0]))
+        2
+        >>> TailEnergy(0.0)(torch.tensor([10.0, 5.0, 1e-7, 0.0]))   # 1e-7 is float32 round-off of 10
         2
     """
 
@@ -93,6 +82,12 @@ class TailEnergy:
             raise ValueError(f"rho must lie in [0, 1), got {self.rho!r}")
 
     def __call__(self, eigenvalues: torch.Tensor) -> int:
+        if self.rho == 0.0 and eigenvalues.is_floating_point() and eigenvalues.numel():
+            # rho = 0 asks for the null space itself: eigenvalues under the decomposition's round-off floor
+            # (d * eps * largest, eps of the dtype the eigenvalues come in) are zero; any rho > 0 keeps every
+            # eigenvalue and lets the tail mass decide
+            floor = eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps * eigenvalues.max()
+            eigenvalues = torch.where(eigenvalues <= floor, torch.zeros_like(eigenvalues), eigenvalues)
         return tail_energy_rank(eigenvalues, self.rho)
 
 

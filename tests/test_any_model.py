@@ -57,5 +57,5 @@ def test_hf_clip_keeps_old_image_and_text_embeddings(mode, base):
     assert (img1 - img0).abs().max() < 1e-8
     assert (txt1 - txt0).abs().max() < 1e-8
     moved = max((p.detach() - q).abs().max().item() for p, q in
-                zip(model.parameters(), tiny_hf_clip().parameters()))
+                zip(model.parameters(), tiny_hf_clip().parameters(), strict=True))
     assert moved > 1e-4  # it did train

@@ -50,7 +50,7 @@ def test_resume_equals_uninterrupted_run(mode, opt_name):
     assert opt_c.tasks_seen == 2
     run_tasks(opt_c, model_c, tasks[2:], 5)
 
-    for (n, a), (_, c) in zip(model_a.state_dict().items(), model_c.state_dict().items()):
+    for (n, a), (_, c) in zip(model_a.state_dict().items(), model_c.state_dict().items(), strict=True):
         torch.testing.assert_close(a, c, rtol=0, atol=1e-12, msg=n)
     for name, pa in opt_a.projectors.items():
         pc = opt_c.projectors[name]

@@ -32,6 +32,33 @@ def dense(proj) -> torch.Tensor:
     return torch.eye(proj.dim, dtype=torch.float64) - outer if proj.form == "kept" else outer
 
 
+def _train_collect_and_compare_twins(task: int, models: tuple[nn.Module, nn.Module], opts: list) -> torch.Tensor:
+    """One task for the eager and the compiled twin: train both, collect on both, check that their statistics
+    and projectors agree; returns the task's old inputs."""
+    g = torch.Generator().manual_seed(task)
+    for _ in range(4):
+        x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g,
+                                                                              dtype=torch.float64)
+        for m, opt in zip(models, opts, strict=True):
+            opt.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+    old = low_rank(4, 6, 1, seed=50 + task, dtype=torch.float64)
+    for m, opt in zip(models, opts, strict=True):
+        with opt.collect(), torch.no_grad():
+            m(old[:2])
+            m(old[2:])
+    for b_e, b_c in zip(opts[0].blocks, opts[1].blocks, strict=True):
+        assert b_c.stat.task_count == b_e.stat.task_count == 4 and b_c.stat.task_batches == 2
+        assert torch.allclose(b_c.stat.task_sum, b_e.stat.task_sum, rtol=1e-12, atol=1e-12)
+    for opt in opts:
+        opt.end_task()
+    for name, p in opts[1].projectors.items():
+        assert list(p.kept_ranks) == list(opts[0].projectors[name].kept_ranks)
+        assert torch.allclose(dense(p), dense(opts[0].projectors[name]), atol=1e-9)
+    return old
+
+
 # ---------------------------------------------------------------------------------------- torch.compile
 def test_compiled_model_same_statistics_and_protection_as_eager_and_no_recompile_per_task():
     """A compiled twin and an eager twin see the same data: memories and projectors must agree, old outputs
@@ -53,27 +80,7 @@ def test_compiled_model_same_statistics_and_protection_as_eager_and_no_recompile
     after_first_task = None
     try:
         for task in range(3):
-            g = torch.Generator().manual_seed(task)
-            for _ in range(4):
-                x, y = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 3, generator=g,
-                                                                                      dtype=torch.float64)
-                for m, opt in zip((eager, model), opts):
-                    opt.zero_grad()
-                    nn.functional.mse_loss(m(x), y).backward()
-                    opt.step()
-            old = low_rank(4, 6, 1, seed=50 + task, dtype=torch.float64)
-            for m, opt in zip((eager, model), opts):
-                with opt.collect(), torch.no_grad():
-                    m(old[:2])
-                    m(old[2:])
-            for b_e, b_c in zip(opts[0].blocks, opts[1].blocks):
-                assert b_c.stat.task_count == b_e.stat.task_count == 4 and b_c.stat.task_batches == 2
-                assert torch.allclose(b_c.stat.task_sum, b_e.stat.task_sum, rtol=1e-12, atol=1e-12)
-            for opt in opts:
-                opt.end_task()
-            for name, p in opts[1].projectors.items():
-                assert list(p.kept_ranks) == list(opts[0].projectors[name].kept_ranks)
-                assert torch.allclose(dense(p), dense(opts[0].projectors[name]), atol=1e-9)
+            old = _train_collect_and_compare_twins(task, (eager, model), opts)
             with torch.no_grad():
                 olds.append((old, model(old)))
             if task == 0:

@@ -6,8 +6,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from gnsp_optim.projector import Projector, project_reference
-from gnsp_optim.statistics import CovarianceStat, conv_patches, conv_patches_reference
+from gnsp_optim import FeatureSource, NullSpaceOptimizer
+from gnsp_optim.kinds import attention_heads, conv_patches
+from gnsp_optim.naive import (
+    attention_heads_loop,
+    conv_patches_loop,
+    covariance_sum,
+    project_block_dense,
+    project_dense,
+    tail_energy_rank_loop,
+)
+from gnsp_optim.projection import project_block, project_blocks
+from gnsp_optim.projector import Projector
+from gnsp_optim.statistics import CovarianceStat
 from gnsp_optim.subspace import (
     CumulativeEnergy,
     FixedRank,
@@ -15,7 +26,6 @@ from gnsp_optim.subspace import (
     TailEnergy,
     eigh_descending,
     tail_energy_rank,
-    tail_energy_rank_reference,
 )
 
 spectra = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=40).map(
@@ -24,7 +34,7 @@ spectra = st.lists(st.floats(0, 1e3, allow_nan=False), min_size=1, max_size=40).
 
 @given(spectra, st.floats(0, 0.999))
 def test_tail_energy_rank_matches_loop(lam, rho):
-    assert tail_energy_rank(torch.tensor(lam, dtype=torch.float64), rho) == tail_energy_rank_reference(lam, rho)
+    assert tail_energy_rank(torch.tensor(lam, dtype=torch.float64), rho) == tail_energy_rank_loop(lam, rho)
 
 
 @given(spectra, st.floats(0.01, 0.99))
@@ -68,11 +78,11 @@ def test_projector_matches_dense_reference(groups, d, rows, k_raw, with_bias, se
     nw, nb = proj.apply(w, b)
     for g in range(groups):
         full = w[g] if b is None else torch.cat([w[g], b[g]], 1)
-        expect = project_reference(full, q[g][:, : ranks[g]])
+        expect = project_dense(full, q[g][:, : ranks[g]])
         got = nw[g] if b is None else torch.cat([nw[g], nb[g]], 1)
         torch.testing.assert_close(got, expect, atol=1e-10, rtol=0)
         # idempotent and orthogonal to the occupied directions
-        torch.testing.assert_close(project_reference(got, q[g][:, : ranks[g]]), got, atol=1e-10, rtol=0)
+        torch.testing.assert_close(project_dense(got, q[g][:, : ranks[g]]), got, atol=1e-10, rtol=0)
 
 
 def test_projector_picks_the_smaller_basis():
@@ -96,7 +106,7 @@ def test_conv_patches_match_loops_and_reproduce_the_convolution(c):
     shape = (c["batch"], 4) + (c["size"],) * c["spatial"]
     x = torch.randn(shape, dtype=torch.float64)
     fast = conv_patches(conv, x)
-    torch.testing.assert_close(fast, conv_patches_reference(conv, x))
+    torch.testing.assert_close(fast, conv_patches_loop(conv, x))
     # weight @ patches is the convolution's output: the statistic sees exactly what the weight multiplies
     g = c["groups"]
     w = conv.weight.reshape(g, 6 // g, -1)
@@ -114,27 +124,16 @@ def test_conv_patches_with_padding_modes_reproduce_the_convolution(padding_mode)
     torch.testing.assert_close(out, conv(x).permute(0, 2, 3, 1).reshape(-1, 5))
 
 
-@given(st.sampled_from(["mean", "sum", "frobenius"]), st.integers(1, 4), st.integers(1, 5), st.integers(0, 99))
-def test_covariance_stat_matches_naive_sums(normalize, batches, n, seed):
+@given(st.sampled_from(["mean", "sum", "frobenius"]), st.integers(1, 4), st.integers(1, 5), st.booleans(),
+       st.integers(0, 99))
+def test_covariance_stat_matches_naive_sums(normalize, batches, n, fast, seed):
     gen = torch.Generator().manual_seed(seed)
-    st_ = CovarianceStat("layer", 3, dtype=torch.float64, normalize=normalize)
-    naive = torch.zeros(4, 4, dtype=torch.float64)
-    rows = 0
-    for _ in range(batches):
-        x = torch.randn(n, 3, dtype=torch.float64, generator=gen)
+    st_ = CovarianceStat("layer", 3, dtype=torch.float64, normalize=normalize, fast=fast)
+    xs = [torch.randn(n, 3, dtype=torch.float64, generator=gen) for _ in range(batches)]
+    for x in xs:
         st_.update(x)
-        xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)
-        gram = sum(torch.outer(r, r) for r in xa)
-        if normalize == "frobenius":
-            gram = gram / torch.linalg.matrix_norm(gram[:3, :3])
-        naive += gram
-        rows += n
-    if normalize == "mean":
-        naive = naive / rows
-    elif normalize == "frobenius":
-        naive = naive / torch.linalg.matrix_norm(naive[:3, :3])
     st_.fold()
-    torch.testing.assert_close(st_.memory[0], naive)
+    torch.testing.assert_close(st_.memory[0], covariance_sum(xs, normalize))
     assert st_.task_sum is None and not st_.seen
 
 
@@ -192,17 +191,13 @@ def test_in_place_projection_matches_apply(groups, d, rows, k_raw, with_bias, se
         torch.testing.assert_close(b.view(groups, rows, 1), nb, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("rank", [2, 5])  # kept form, null form
-@pytest.mark.parametrize("layout", ["linear", "x@W", "mha"])
-def test_optimizer_in_place_projection_matches_copy_path(layout, rank, monkeypatch):
-    """``_project_pair``'s in-place path equals its apply-then-write twin (views, transposed, bias rows)."""
-    import gnsp_optim.optimizer as opt_mod
-    from gnsp_optim import FeatureSource, NullSpaceOptimizer
-
+def _collected_model(layout: str, rank: int, **kw):
+    """A model of one layout, its wrapper after one collected task (``FixedRank(rank)``), and inputs."""
     torch.manual_seed(1)
+    sources = {}
     if layout == "linear":
-        model, sources = nn.Sequential(nn.Linear(6, 5)).double(), {}
-        x = torch.randn(3, 6, dtype=torch.float64)
+        model = nn.Sequential(nn.Linear(6, 5)).double()
+        x = (torch.randn(3, 6, dtype=torch.float64),)
     elif layout == "x@W":
         class Head(nn.Module):
             def __init__(self):
@@ -213,35 +208,46 @@ def test_optimizer_in_place_projection_matches_copy_path(layout, rank, monkeypat
             def forward(self, t):
                 return self.ln(t) @ self.proj
 
-        model, sources, x = Head(), {"proj": FeatureSource("ln")}, torch.randn(3, 6, dtype=torch.float64)
+        model, sources, x = Head(), {"proj": FeatureSource("ln")}, (torch.randn(3, 6, dtype=torch.float64),)
+    elif layout == "conv":
+        model = nn.Sequential(nn.Conv1d(4, 6, 3, groups=2)).double()
+        x = (torch.randn(2, 4, 5, dtype=torch.float64),)
     else:
         model = nn.MultiheadAttention(6, 2, kdim=7, vdim=8).double()
-        sources = {}
         x = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64),
              torch.randn(3, 8, dtype=torch.float64))
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rule=FixedRank(rank),
-                             feature_sources=sources, uncovered="train")
+                             feature_sources=sources, uncovered="train", **kw)
     with opt.collect(), torch.no_grad():
-        model(*x) if isinstance(x, tuple) else model(x)
+        model(*x)
     opt.end_task()
+    return model, opt, x
+
+
+@pytest.mark.parametrize("rank", [2, 5])  # kept form, null form
+@pytest.mark.parametrize("layout", ["linear", "x@W", "conv", "mha"])
+def test_block_projection_in_place_and_copy_paths_match_the_dense_twin(layout, rank, monkeypatch):
+    """``project_block`` in place (views, transposed, bias rows) and with ``in_place=False`` (apply, then
+    write back) both equal the dense per-group projection of :func:`gnsp_optim.naive.project_block_dense`."""
+    model, opt, _ = _collected_model(layout, rank)
     assert {p.form for p in opt.projectors.values()} == {"kept" if rank == 2 else "null"}
     calls = []
     real_apply_ = Projector.apply_
     monkeypatch.setattr(Projector, "apply_", lambda self, *a: calls.append(1) or real_apply_(self, *a))
-    results = []
-    for fast in (True, False):
-        if not fast:
-            monkeypatch.setattr(opt_mod, "_is_view_of", lambda view, base: False)
-        torch.manual_seed(2)
-        grads = [torch.randn_like(p) for p in model.parameters()]
-        for p, g in zip(model.parameters(), grads):
-            p.grad = g.clone()
-        opt._project_grads()
-        results.append([p.grad.clone() for p in model.parameters()])
-    assert calls  # the in-place path ran in the first pass
-    assert any(not torch.equal(a, g) for a, g in zip(results[0], grads))  # something was projected
-    for a, c in zip(*results):
-        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+    torch.manual_seed(2)
+    for b in opt.blocks:
+        proj = opt.projectors[b.name]
+        w = torch.randn_like(b.weight)
+        bias = None if b.bias is None else torch.randn_like(b.bias)
+        expect_w, expect_b = project_block_dense(b, proj, w, bias)
+        for in_place in (True, False):
+            got_w, got_b = w.clone(), None if bias is None else bias.clone()
+            project_block(b, proj, got_w, got_b, in_place=in_place)
+            torch.testing.assert_close(got_w, expect_w, atol=1e-12, rtol=0)
+            if bias is not None:
+                torch.testing.assert_close(got_b, expect_b, atol=1e-12, rtol=0)
+        assert not torch.equal(expect_w, w)  # something was projected
+    assert len(calls) == len(opt.blocks)  # the in-place path ran once per block (in_place=True)
 
 
 @given(st.sampled_from(["mean", "sum"]), st.integers(1, 3), st.integers(1, 3), st.integers(1, 6),
@@ -249,10 +255,8 @@ def test_optimizer_in_place_projection_matches_copy_path(layout, rank, monkeypat
 def test_covariance_fast_accumulation_matches_general_path(normalize, groups, batches, n, d, block, seed):
     """The in-place (block-symmetric) GEMM accumulation equals the general bmm-then-add path."""
     gen = torch.Generator().manual_seed(seed)
-    fast = CovarianceStat("f", d, groups, dtype=torch.float64, normalize=normalize)
-    fast._gram_block = block
-    slow = CovarianceStat("s", d, groups, dtype=torch.float64, normalize=normalize)
-    slow._fast_path = False
+    fast = CovarianceStat("f", d, groups, dtype=torch.float64, normalize=normalize, gram_block=block)
+    slow = CovarianceStat("s", d, groups, dtype=torch.float64, normalize=normalize, fast=False)
     for i in range(batches):
         x = torch.randn(groups, n, d, dtype=torch.float64, generator=gen)
         xs = x[i % groups]
@@ -266,23 +270,22 @@ def test_covariance_fast_accumulation_matches_general_path(normalize, groups, ba
 
 @pytest.mark.parametrize("d", [600, 2100])  # the automatic block widths (128, 256)
 def test_symmetric_gram_at_auto_block_widths_matches_one_gemm(d):
-    from gnsp_optim.statistics import _add_gram_
-
     x = torch.randn(2, 40, d, dtype=torch.float64)
-    out = torch.zeros(2, d + 1, d + 1, dtype=torch.float64)
-    _add_gram_(out[:, :d, :d], x)
-    _add_gram_(out[:, :d, :d], x)
-    torch.testing.assert_close(out[:, :d, :d], 2 * x.transpose(1, 2) @ x, atol=1e-10, rtol=0)
-    assert not out[:, d].any() and not out[:, :, d].any()  # nothing written outside the block
+    fast = CovarianceStat("f", d, 2, dtype=torch.float64, normalize="sum")
+    slow = CovarianceStat("s", d, 2, dtype=torch.float64, normalize="sum", fast=False)
+    for stat in (fast, slow):
+        stat.update(x)
+        stat.update(x)
+    torch.testing.assert_close(fast.task_sum, slow.task_sum, atol=1e-10, rtol=0)
+    torch.testing.assert_close(fast.task_sum[:, :d, :d], 2 * x.transpose(1, 2) @ x, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("batch_layers", [False, True])
 @pytest.mark.parametrize("layout", ["linear", "mha"])
 def test_update_mode_step_matches_explicit_formula(layout, batch_layers):
-    """``mode="update"`` (in place in the parameters) equals ``W0 + P(W_base - W0)`` computed on a copy."""
+    """``mode="update"`` (in place in the parameters) equals, on a copy with a plain AdamW: gradients
+    projected by the dense twin, the plain step, then ``W0 + P(W - W0)`` with the dense twin again."""
     import copy
-
-    from gnsp_optim import NullSpaceOptimizer
 
     torch.manual_seed(3)
     if layout == "linear":
@@ -300,45 +303,32 @@ def test_update_mode_step_matches_explicit_formula(layout, batch_layers):
     twin = copy.deepcopy(model)
     twin_base = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.1)
     grads = [torch.randn_like(p) for p in model.parameters()]
-    for p, q, g in zip(model.parameters(), twin.parameters(), grads):
-        p.grad, q.grad = g.clone(), g.clone()
-    opt._project_grads()
-    for p, q in zip(model.parameters(), twin.parameters()):
-        q.grad = p.grad.clone()
-    before = [q.detach().clone() for q in twin.parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    twin_grads = dict(zip(names, (g.clone() for g in grads), strict=True))
+    for blk in opt.blocks:  # the dense twin's projected gradients (a shared bias: each block its own rows)
+        g_b = None if blk.bias_name is None else twin_grads[blk.bias_name]
+        new_w, new_b = project_block_dense(blk, opt.projectors[blk.name], twin_grads[blk.weight_name], g_b)
+        twin_grads[blk.weight_name] = new_w
+        if new_b is not None:
+            twin_grads[blk.bias_name] = new_b
+    for n, q in twin.named_parameters():
+        q.grad = twin_grads[n].clone()
+    w0 = {n: q.detach().clone() for n, q in twin.named_parameters()}
     twin_base.step()
-    for p, g in zip(model.parameters(), grads):
+    expect = {n: q.detach().clone() for n, q in twin.named_parameters()}
+    for blk in opt.blocks:
+        d_b = None if blk.bias_name is None else expect[blk.bias_name] - w0[blk.bias_name]
+        dw, db = project_block_dense(blk, opt.projectors[blk.name], expect[blk.weight_name] - w0[blk.weight_name],
+                                     d_b)
+        expect[blk.weight_name] = w0[blk.weight_name] + dw
+        if db is not None:
+            rows = blk.bias_rows if blk.bias_rows is not None else slice(None)
+            expect[blk.bias_name][rows] = (w0[blk.bias_name] + db)[rows]
+    for p, g in zip(model.parameters(), grads, strict=True):
         p.grad = g.clone()
     opt.step()
-    # slow twin: delta of the plain step, projected with the dense reference, per protected block
-    names = dict(twin.named_parameters())
-    expect = {n: q.detach().clone() for n, q in names.items()}
-    w0 = dict(zip(names, before))
-    for blk in opt.blocks:
-        proj = opt.projectors[blk.name]
-        rows_d = w0[blk.weight_name].shape[0] // blk.groups
-        dw = (expect[blk.weight_name] - w0[blk.weight_name]).reshape(blk.groups, rows_d, -1)
-        db = None
-        if blk.bias_name is not None:
-            sl = blk.bias_rows if blk.bias_rows is not None else slice(None)
-            db = (expect[blk.bias_name] - w0[blk.bias_name])[sl].reshape(blk.groups, -1, 1)
-        for g in range(blk.groups):
-            full = dw[g] if db is None else torch.cat([dw[g], db[g]], 1)
-            occupied = proj.basis[g][:, : proj.kept_ranks[g]] if proj.form == "kept" else None
-            if occupied is None:  # null form: occupied = complement of the stored null basis
-                null = proj.basis[g][:, : blk.dim - proj.kept_ranks[g]]
-                got = full @ null @ null.T
-            else:
-                got = project_reference(full, occupied)
-            dw[g] = got[:, : dw.shape[-1]]
-            if db is not None:
-                db[g] = got[:, -1:]
-        expect[blk.weight_name] = w0[blk.weight_name] + dw.reshape(w0[blk.weight_name].shape)
-        if db is not None:
-            sl = blk.bias_rows if blk.bias_rows is not None else slice(None)
-            expect[blk.bias_name][sl] = w0[blk.bias_name][sl] + db.reshape(-1)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), expect[n], atol=1e-12, rtol=0)
+        torch.testing.assert_close(p.detach(), expect[n], atol=1e-12, rtol=0, msg=n)
         assert not torch.equal(p.detach(), w0[n])  # every parameter moved
 
 
@@ -367,10 +357,9 @@ class _EqualShapes(nn.Module):
 @given(st.integers(2, 4), st.integers(2, 6), st.booleans(), st.sampled_from(["grad", "update"]),
        st.sampled_from(["sgd", "adamw"]), st.integers(0, 6), st.sampled_from([1, 2]), st.integers(0, 99))
 def test_batched_projection_matches_per_layer(depth, width, bias, mode, optim, k, conv_groups, seed):
-    """``batch_layers=True`` (one padded batched product per shape) equals the per-layer loop."""
+    """``batch_layers=True`` (one padded batched product per shape) equals the per-layer loop, and takes
+    fewer products than there are layers whenever shapes repeat."""
     import copy
-
-    from gnsp_optim import FeatureSource, NullSpaceOptimizer
 
     class VaryingRank:  # a rank rule giving different ranks per layer, so bases of one group are zero-padded
         def __init__(self):
@@ -395,26 +384,30 @@ def test_batched_projection_matches_per_layer(depth, width, bias, mode, optim, k
             net(*data[0])
         opt.end_task()
         opts.append(opt)
-    stacked = []
-    real = NullSpaceOptimizer._stacked_projector
-    for net, opt in zip((model, twin), opts):
-        for x in data[1:]:
-            opt.zero_grad()
-            net(*x).backward()
-            if opt.batch_layers:
-                opt._stacked_projector = lambda key, projs, o=opt: stacked.append(len(projs)) or real(o, key, projs)
-            opt.step()
-    active = [b for b, p in opts[1]._active() if not (p.is_zero and b.bias_rows is None)]
-    if len({(opts[1].projectors[b.name].form, b.dim, b.weight.shape) for b in active}) < len(active):
-        assert stacked and max(stacked) >= 2  # at least one group of equal shapes went through one product
-    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+    products = {False: 0, True: 0}
+    real_apply_ = Projector.apply_
+    for net, opt in zip((model, twin), opts, strict=True):
+        Projector.apply_ = lambda self, *a, o=opt: products.__setitem__(o.batch_layers, products[o.batch_layers]
+                                                                        + 1) or real_apply_(self, *a)
+        try:
+            for x in data[1:]:
+                opt.zero_grad()
+                net(*x).backward()
+                opt.step()
+        finally:
+            Projector.apply_ = real_apply_
+    projected = [(p.form, b.projector_dim, b.weight.shape) for b in opts[1].blocks
+                 for p in [opts[1].projectors[b.name]] if not p.is_identity and not (p.is_zero and not b.shares_bias)]
+    if len(set(projected)) < len(projected):  # equal shapes exist: the batched run took fewer products
+        assert products[True] < products[False]
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(q.detach(), p.detach(), atol=1e-12, rtol=0, msg=n)
 
 
-def test_batched_projection_cache_survives_passes_with_different_members():
+def test_batched_projection_cache_survives_passes_with_different_members(monkeypatch):
     """Update mode projects the gradients of the layers that have one, then the changes of every layer: two
     member lists per shape, both cached (a single slot per shape was rebuilt twice per step)."""
-    from gnsp_optim import NullSpaceOptimizer
+    import gnsp_optim.projection as projection
 
     torch.manual_seed(0)
     layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
@@ -425,10 +418,65 @@ def test_batched_projection_cache_survives_passes_with_different_members():
             lin(torch.randn(64, 16))
     opt.end_task()
     built = []
-    real = NullSpaceOptimizer._stacked_projector
-    opt._stacked_projector = lambda key, projs: built.append(real(opt, key, projs)) or built[-1]
+    real = projection.stack_projectors
+    monkeypatch.setattr(projection, "stack_projectors", lambda projs, dtype: built.append(real(projs, dtype))
+                        or built[-1])
     for _ in range(5):
         opt.zero_grad()
         (layers[0](torch.randn(8, 16)).sum() + layers[1](torch.randn(8, 16)).sum()).backward()  # layers[2] idle
         opt.step()
-    assert len(built) == 10 and len({id(s) for s in built}) == 2
+    assert len(built) == 2  # gradients of layers 0-1, changes of 0-2: stacked once each, reused every step
+    # the same through the plain function: a cache the caller keeps
+    cache: dict = {}
+    items = [(b, opt.projectors[b.name], torch.randn_like(b.weight), torch.randn_like(b.bias)) for b in opt.blocks]
+    plain = [(b, p, w.clone(), g.clone()) for b, p, w, g in items]
+    for _ in range(3):
+        project_blocks(items, batched=True, cache=cache)
+        project_blocks(items[:2], batched=True, cache=cache)
+    for item in plain:
+        project_block(*item)
+        project_block(*item)
+    for (_, _, w, g), (_, _, w2, g2) in zip(items, plain, strict=True):  # projection is idempotent
+        torch.testing.assert_close(w, w2, atol=1e-4, rtol=0)  # float32, a few projections each
+        torch.testing.assert_close(g, g2, atol=1e-4, rtol=0)
+    assert len(cache) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@given(st.booleans(), st.booleans(), st.booleans(), st.sampled_from([None, "bool", "float"]), st.booleans(),
+       st.integers(0, 99))
+def test_attention_out_proj_input_matches_the_per_head_loop(packed, batch_first, bias, attn_mask, padding, seed):
+    """What the hooks record for ``out_proj`` (the call replayed with an identity output projection) equals
+    softmax attention computed one head and one sample at a time, masks and layouts included."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    e, heads, n, length, src = 6, 2, 2, 3, 4
+    kdim = None if packed else 5
+    m = nn.MultiheadAttention(e, heads, bias=bias, kdim=kdim, vdim=kdim, batch_first=batch_first).double().eval()
+    kv_dim = e if packed else 5
+
+    def seq(t, d):
+        x = torch.randn(t, n, d, dtype=torch.float64, generator=gen)
+        return x.transpose(0, 1) if batch_first else x
+
+    q, k = seq(length, e), seq(src, kv_dim)
+    v = seq(src, kv_dim)
+    kwargs = {}
+    if attn_mask == "bool":
+        kwargs["attn_mask"] = torch.rand(length, src, generator=gen) < 0.3
+        kwargs["attn_mask"][:, 0] = False  # every query attends somewhere
+    elif attn_mask == "float":
+        kwargs["attn_mask"] = torch.randn(length, src, dtype=torch.float64, generator=gen)
+    if padding:
+        kwargs["key_padding_mask"] = torch.zeros(n, src, dtype=torch.bool)
+        kwargs["key_padding_mask"][:, -1] = True
+    heads_out = attention_heads(m, (q, k, v), dict(kwargs))
+    torch.testing.assert_close(heads_out, attention_heads_loop(m, q, k, v, **kwargs), atol=1e-12, rtol=0)
+    # and through the optimizer: the out_proj memory is the Gram matrix of those rows
+    opt = NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, normalize="sum", uncovered="train")
+    with opt.collect(), torch.no_grad():
+        m(q, k, v, **kwargs)
+    opt.end_task()
+    memory = opt.state_dict()["gnsp"]["blocks"]["out_proj"]["memory"][0]
+    rows = attention_heads_loop(m, q, k, v, **kwargs).reshape(-1, e)
+    torch.testing.assert_close(memory, covariance_sum([rows], "sum"), atol=1e-12, rtol=0)

@@ -238,6 +238,31 @@ def test_summary_reports_ranks_and_memory():
     assert rows["0"]["null_mass"] < 1e-12
     text = opt.summary()
     assert "kept" in text and "null mass" in text
+    lines = text.splitlines()
+    for r in opt.report():  # one row per layer, with its numbers
+        row = [line.split() for line in lines if line.split()[:1] == [r["layer"]]]
+        assert len(row) == 1, (r["layer"], text)
+        assert row[0][1:5] == [str(r["input_dim"]), str(r["kept_rank"]), str(r["null_dim"]),
+                               f"{r['null_mass']:.2e}"], row
+    assert "frozen parameters: 0" in lines[-1]
+
+
+def test_report_null_mass_is_the_tail_share_of_the_spectrum():
+    """``null_mass`` is the share of the collected covariance's eigenvalue mass past the kept rank,
+    checked against a spectrum computed here (eigvalsh of the naive sum) and the loop rank rule."""
+    from gnsp_optim.naive import covariance_sum, tail_energy_rank_loop
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3, bias=False).double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.3)
+    x = torch.randn(40, 6, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.3, 0.1], dtype=torch.float64)
+    collect(opt, model, x)
+    lam = torch.linalg.eigvalsh(covariance_sum([x])[:6, :6]).flip(0).tolist()
+    k = tail_energy_rank_loop(lam, 0.3)
+    expected = sum(lam[k:]) / sum(lam)
+    (row,) = opt.report()
+    assert row["kept_rank"] == k and 0 < k < 6
+    assert row["null_mass"] == pytest.approx(expected, rel=1e-9) and 0.01 < expected <= 0.3
 
 
 def test_row_subsampling_keeps_a_share_of_rows_and_still_protects_a_low_rank_task():
