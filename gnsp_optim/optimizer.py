@@ -15,6 +15,11 @@ functions. The data path, in one reading:
 
 Which blocks exist and which are protected: :mod:`.kinds` (discovery) and :mod:`.selection` (patterns,
 presets, ties). Checkpoints: :mod:`.checkpoint`; the report: :mod:`.report`.
+
+Words, one meaning each: a **block** is one protected weight (+ bias) with its input statistic; a
+direction is **occupied** when earlier tasks' inputs live there (a block whose projector occupies every
+direction is *fully occupied*: it cannot move); a trained parameter is **uncovered** when no block protects
+it; **frozen** names only the uncovered parameters that the ``uncovered="freeze"`` policy holds still.
 """
 
 from __future__ import annotations
