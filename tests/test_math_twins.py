@@ -280,11 +280,24 @@ def test_symmetric_gram_at_auto_block_widths_matches_one_gemm(d):
     torch.testing.assert_close(fast.task_sum[:, :d, :d], 2 * x.transpose(1, 2) @ x, atol=1e-10, rtol=0)
 
 
+class _FirstBlockFull:
+    """Rank rule: the first block decomposed is fully occupied (frozen), every later one keeps 2."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, lam):
+        self.calls += 1
+        return len(lam) if self.calls == 1 else min(2, len(lam))
+
+
 @pytest.mark.parametrize("batch_layers", [False, True])
-@pytest.mark.parametrize("layout", ["linear", "mha"])
+@pytest.mark.parametrize("layout", ["linear", "mha", "mha_frozen_query"])
 def test_update_mode_step_matches_explicit_formula(layout, batch_layers):
     """``mode="update"`` (in place in the parameters) equals, on a copy with a plain AdamW: gradients
-    projected by the dense twin, the plain step, then ``W0 + P(W - W0)`` with the dense twin again."""
+    projected by the dense twin, the plain step, then ``W0 + P(W - W0)`` with the dense twin again.
+    (``mha_frozen_query``: the query block is fully occupied while it shares ``in_proj_bias`` with key and
+    value, whose rows must still get their projected gradient.)"""
     import copy
 
     torch.manual_seed(3)
@@ -295,11 +308,14 @@ def test_update_mode_step_matches_explicit_formula(layout, batch_layers):
         model = nn.MultiheadAttention(6, 2, kdim=7, vdim=8).double()
         xs = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64),
               torch.randn(3, 8, dtype=torch.float64))
+    rule = _FirstBlockFull() if layout == "mha_frozen_query" else FixedRank(2)
     opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1), model,
-                             rule=FixedRank(2), mode="update", uncovered="train", batch_layers=batch_layers)
+                             rule=rule, mode="update", uncovered="train", batch_layers=batch_layers)
     with opt.collect(), torch.no_grad():
         model(*xs)
     opt.end_task()
+    frozen = {n for b in opt.blocks if opt.projectors[b.name].is_zero for n in (b.weight_name,)}
+    assert bool(frozen) == (layout == "mha_frozen_query")
     twin = copy.deepcopy(model)
     twin_base = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.1)
     grads = [torch.randn_like(p) for p in model.parameters()]
@@ -329,7 +345,7 @@ def test_update_mode_step_matches_explicit_formula(layout, batch_layers):
     opt.step()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expect[n], atol=1e-12, rtol=0, msg=n)
-        assert not torch.equal(p.detach(), w0[n])  # every parameter moved
+        assert torch.equal(p.detach(), w0[n]) == (n in frozen)  # every parameter moved, the frozen ones not
 
 
 class _EqualShapes(nn.Module):
