@@ -93,6 +93,9 @@ class OutsideUseDetector(TorchFunctionMode):
         self._name: dict[int, str] = {id(params[n]): n for n in names}
         self._owners: dict[int, set[int]] = {i: set() for i in self._name}
         self._owner_modules: dict[int, nn.Module] = {}
+        self._inside: dict[int, int] = {}  # id(module) -> call depth (a module may be re-entered)
+        self._handles: list = []
+        self.outside: dict[str, list[str]] = {}
 
         def own(pid: int, mod: nn.Module) -> None:
             self._owners[pid].add(id(mod))
@@ -113,9 +116,6 @@ class OutsideUseDetector(TorchFunctionMode):
                 for p in mod.out_proj.parameters():
                     if id(p) in self._owners:
                         own(id(p), mod)
-        self._inside: dict[int, int] = {}  # id(module) -> call depth (a module may be re-entered)
-        self._handles: list = []
-        self.outside: dict[str, list[str]] = {}
 
     # module-call tracking ------------------------------------------------------------------------------
     def _enter(self, mod: nn.Module, *_: Any) -> None:
