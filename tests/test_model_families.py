@@ -248,6 +248,10 @@ MUST_PROTECT = {
              "bert.embeddings.word_embeddings.weight"],
     "hf-clip": ["text_model.encoder.layers.0.self_attn.q_proj.bias", "visual_projection.weight",
                 "text_model.embeddings.token_embedding.weight"],
+    "vit": ["vit.embeddings.patch_embeddings.projection.weight", "vit.layers.0.attention.q_proj.bias",
+            "classifier.weight"],  # no token embedding: holds today
+    "open_clip": ["visual.conv1.weight", "transformer.resblocks.0.attn.in_proj_weight",
+                  "transformer.resblocks.0.attn.out_proj.bias", "token_embedding.weight"],
 }
 EMBEDDING_FROZEN = "today nn.Embedding is not a layer kind: token embeddings are frozen, not protected"
 
@@ -260,7 +264,10 @@ def _protected_names(opt) -> set[str]:
     pytest.param("gpt2-tied", marks=[needs_tf, pytest.mark.xfail(strict=True, reason=REFUSED_TIED)]),
     pytest.param("llama-tied", marks=[needs_tf, pytest.mark.xfail(strict=True, reason=REFUSED_TIED)]),
     *[pytest.param(f, marks=[needs_tf, pytest.mark.xfail(strict=True, reason=EMBEDDING_FROZEN)])
-      for f in ("llama-untied", "qwen2-untied", "bert", "hf-clip")]])
+      for f in ("llama-untied", "qwen2-untied", "bert", "hf-clip")],
+    pytest.param("vit", marks=needs_tf),
+    pytest.param("open_clip", marks=[FAMILIES["open_clip"][4], pytest.mark.xfail(strict=True,
+                                                                                 reason=EMBEDDING_FROZEN)])])
 def test_default_selection_protects_layers_and_embeddings(family):
     model = build(family)
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0)
