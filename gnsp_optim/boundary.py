@@ -114,7 +114,9 @@ class RunningStatsFreeze:
         if not mod.training:
             return
         for k, v in self._saved.get(id(mod), {}).items():
-            getattr(mod, k).copy_(v)
+            # through .data: batch_norm saved the buffer for its backward, and a tracked in-place write would
+            # fail that backward (version counter); the values it reads there are the batch statistics
+            getattr(mod, k).data.copy_(v)
 
     def remove(self) -> None:
         """Stop keeping them fixed."""

@@ -92,7 +92,11 @@ def test_frozen_running_stats_keep_old_eval_outputs_exact(momentum):
     with pytest.warns(UserWarning, match="'bn'"):
         keep_twin.snapshot()
     x = torch.randn(8, 3, 6, 6, dtype=torch.float64) * 3 + 1
-    assert torch.equal(model(x), twin(x))  # train mode still normalises by the batch statistics
+    out, out_twin = model(x), twin(x)
+    assert torch.equal(out, out_twin)  # train mode still normalises by the batch statistics
+    out.square().sum().backward()  # the restore must not break batch_norm's backward (it saved the buffers)
+    out_twin.square().sum().backward()
+    assert torch.equal(model.conv.weight.grad, twin.conv.weight.grad)
     model.eval()
     assert torch.equal(model(old), y0)
     assert all(torch.equal(b, buffers[k]) for k, b in model.bn.named_buffers())
