@@ -162,7 +162,7 @@ def _oc_loss(model, batch):
     return torch.nn.functional.cross_entropy(logits, y) + torch.nn.functional.cross_entropy(logits.T, y)
 
 
-# name -> (build, batch(gen), outputs(model, batch), loss(model, batch), skip marker or None, today's failure)
+# name -> (build, batch(gen, n), outputs(model, batch), loss(model, batch), skip mark or None, why it fails today)
 REFUSED_TIED = "refused today at construction: tied embedding/head weight is 'shared by several modules'"
 FAMILIES = {
     "gpt2-tied": (_gpt2, _tokens, _lm_out, _lm_loss, needs_tf, REFUSED_TIED),
@@ -182,14 +182,13 @@ FAMILIES = {
 }
 
 
-def _cases(expected_failures: dict[str, str]):
+def _cases():
     out = []
-    for fam, (_, _, _, _, skip, refused) in FAMILIES.items():
+    for fam, (_, _, _, _, skip, fails_today) in FAMILIES.items():
         for cfg in CONFIGS:
             marks = [skip] if skip is not None else []
-            reason = refused or expected_failures.get(fam)
-            if reason:
-                marks.append(pytest.mark.xfail(strict=True, reason=reason))
+            if fails_today:
+                marks.append(pytest.mark.xfail(strict=True, reason=fails_today))
             out.append(pytest.param(fam, cfg, marks=marks, id=f"{fam}-{cfg}"))
     return out
 
@@ -228,7 +227,7 @@ def one_line_run(family: str, config: str, steps: int = 6):
     return drift, before, after, opt
 
 
-@pytest.mark.parametrize("family,config", _cases({}))
+@pytest.mark.parametrize("family,config", _cases())
 def test_one_line_keeps_old_outputs_while_new_loss_falls(family, config):
     drift, before, after, _ = one_line_run(family, config)
     assert drift < TOL, f"{family}/{config}: old outputs drifted by {drift:.3e} (relative)"
@@ -279,17 +278,13 @@ def test_default_selection_protects_layers_and_embeddings(family):
 @pytest.mark.xfail(strict=True, reason="transformers Conv1D is not a layer kind today: an untied GPT-2 "
                                        "protects only lm_head and freezes every c_attn / c_proj / c_fc")
 def test_untied_gpt2_protects_its_conv1d_layers_with_bias():
-    model = build_untied_gpt2()
+    torch.manual_seed(0)
+    model = _gpt2(tied=False).double().eval()
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0)
     names = _protected_names(opt)
     for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
         for p in ("weight", "bias"):
             assert f"transformer.h.0.{layer}.{p}" in names
-
-
-def build_untied_gpt2():
-    torch.manual_seed(0)
-    return _gpt2(tied=False).double().eval()
 
 
 @needs_tf
