@@ -107,7 +107,10 @@ class RunningStatsFreeze:
             self._saved[id(m)] = {k: b.detach().clone() for k, b in m.named_buffers(recurse=False)
                                   if b is not None}
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._restore) for _, m in self.layers]
+            # WeakHook: fires for these modules only (a deep copy of the model keeps its own statistics
+            # moving), pickles as an inert hook, never keeps this object alive
+            self._handles = [m.register_forward_hook(WeakHook(self, "_restore", m), with_kwargs=True)
+                             for _, m in self.layers]
 
     @torch.no_grad()
     def _restore(self, mod: nn.Module, *_: Any) -> None:

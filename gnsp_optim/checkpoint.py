@@ -67,7 +67,7 @@ def _check_block(name: str, rec: dict[str, Any], b: Block) -> None:
                          f"dim={rec['dim']} groups={rec['groups']}, but this model has "
                          f"weight={b.weight_name!r} bias={b.bias_name!r} dim={b.stat.dim} groups={b.groups}")
     mem = rec["memory"]
-    if mem is not None and tuple(mem.shape) != (b.groups, b.stat.dim + 1, b.stat.dim + 1):
+    if mem is not None and tuple(mem.shape) != b.kind.memory_shape(b):
         raise ValueError(f"layer {name!r}: saved memory has shape {tuple(mem.shape)}")
 
 

@@ -45,9 +45,14 @@ __all__ = ["TokenCountStat", "project_embedding_", "project_tied_", "null_projec
 class TokenCountStat:
     r"""The input statistic of an ``nn.Embedding``: token counts (the diagonal of the one-hot covariance).
 
-    ``task_counts`` holds the open collection, ``memory`` the sum over finished tasks (only which counts are
-    non-zero matters for the null space; the counts are kept for reports and for a future soft rule).
-    ``padding_idx`` is not counted: its row never receives a gradient from the embedding.
+    ``task_counts`` holds the open collection, ``memory`` the sum over finished tasks of each task's counts,
+    normalised as ``normalize`` says (``"sum"``: raw counts; ``"mean"``: divided by the task's token count,
+    as :class:`~gnsp_optim.statistics.CovarianceStat` divides a Gram matrix by its rows; ``"frobenius"``:
+    divided by the counts' norm, the Frobenius norm of ``diag(counts)``). ``memory`` is ``None`` before the
+    first finished task. ``padding_idx`` is not counted: its row never receives a gradient from the embedding.
+    The optimizer drives it through the same calls as a ``CovarianceStat`` (``seen``, ``merged_memory``,
+    ``fold``, ``clear_task``, ``all_reduce_``); ``row_fraction`` is ignored (counting every token is cheap
+    and protects at least as much).
 
     Example:
         >>> st = TokenCountStat(4, padding_idx=0)
@@ -56,13 +61,30 @@ class TokenCountStat:
         [0, 0, 0, 1]
     """
 
-    def __init__(self, num_embeddings: int, padding_idx: int | None = None) -> None:
+    groups = 1
+    dtype = torch.float64
+
+    def __init__(self, num_embeddings: int, padding_idx: int | None = None, *, normalize: str = "sum",
+                 name: str = "") -> None:
         if num_embeddings < 1:
             raise ValueError(f"num_embeddings must be positive, got {num_embeddings}")
-        self.num_embeddings, self.padding_idx = num_embeddings, padding_idx
+        if normalize not in ("mean", "sum", "frobenius"):
+            raise ValueError(f"normalize must be 'mean', 'sum' or 'frobenius', got {normalize!r}")
+        self.name, self.num_embeddings, self.padding_idx, self.normalize = name, num_embeddings, padding_idx, normalize
         self.task_counts = torch.zeros(num_embeddings, dtype=torch.long)
-        self.memory = torch.zeros(num_embeddings, dtype=torch.long)
+        self.memory: torch.Tensor | None = None
         self.tasks_folded = 0
+        self.row_fraction, self.generator = 1.0, None
+
+    @property
+    def dim(self) -> int:
+        """The input dimension of the one-hot view: the vocabulary size."""
+        return self.num_embeddings
+
+    @property
+    def task_count(self) -> int:
+        """Tokens counted in the open collection."""
+        return int(self.task_counts.sum())
 
     @torch.no_grad()
     def update(self, ids: torch.Tensor) -> None:
@@ -83,20 +105,52 @@ class TokenCountStat:
         """Whether the open collection counted any token."""
         return bool(self.task_counts.any())
 
-    def fold(self) -> None:
-        """Add the open collection to the memory of earlier tasks and clear it."""
-        self.memory += self.task_counts
+    def task_is_finite(self) -> bool:
+        """Counts are integers: always finite."""
+        return True
+
+    def all_reduce_(self) -> None:
+        """Sum the open collection's counts over all processes of the default ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.task_counts)
+
+    def task_contribution(self) -> torch.Tensor:
+        """The open collection's counts, normalised as ``normalize`` says (float64)."""
+        c = self.task_counts.to(torch.float64)
+        if self.normalize == "mean":
+            return c / c.sum().clamp_min(1.0)
+        if self.normalize == "frobenius":
+            return c / c.norm().clamp_min(torch.finfo(torch.float64).tiny)
+        return c
+
+    def merged_memory(self) -> torch.Tensor:
+        """The memory as it will be once the open collection is folded in (nothing changes)."""
+        c = self.task_contribution()
+        return c if self.memory is None else self.memory + c
+
+    def fold(self, merged: torch.Tensor | None = None) -> None:
+        """Add the open collection to the memory of earlier tasks and clear it (nothing counted: no change)."""
+        if self.seen:
+            self.memory = self.merged_memory() if merged is None else merged
+            self.tasks_folded += 1
+        self.clear_task()
+
+    def clear_task(self) -> None:
+        """Forget the open collection."""
         self.task_counts.zero_()
-        self.tasks_folded += 1
 
     @property
     def used(self) -> torch.Tensor:
         """``(V,)`` bool: rows some finished task's token used (kept fixed)."""
+        if self.memory is None:
+            return torch.zeros(self.num_embeddings, dtype=torch.bool)
         return self.memory > 0
 
     def gram_reference(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The ``V x V`` one-hot covariance ``diag(counts)`` as a dense matrix (slow twin, for tests)."""
-        return torch.diag(self.memory.to(dtype))
+        return torch.diag(torch.zeros(self.num_embeddings, dtype=dtype) if self.memory is None
+                          else self.memory.to(dtype))
 
 
 @torch.no_grad()

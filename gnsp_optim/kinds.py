@@ -9,7 +9,11 @@ the statistic must see. :mod:`.hooks` calls ``observe`` from one forward hook pe
 =========================  ===========================================  =====================================
 kind                       weight as ``(G, rows, d)``                   input rows the statistic sees
 =========================  ===========================================  =====================================
-:class:`Linear`            ``W`` ``(out, in)``, ``G = 1``               the input, leading dims flattened
+:class:`Linear`            ``W`` ``(out, in)``, ``G = 1``; transformers the input, leading dims flattened
+                           ``Conv1D``: ``W`` ``(in, out)``                (a NestedTensor: its real positions)
+                           (``transposed``)
+:class:`Embedding`         ``W`` ``(V, d)`` read as ``one_hot @ W``     the token ids (counts, not a Gram
+                           (``transposed``, input dimension ``V``)      matrix: the covariance is diagonal)
 :class:`Conv`              ``W.view(out, -1)`` per group, ``G=groups``  the unfolded patches
 :class:`AttentionInProj`   packed ``in_proj_weight``, ``G = 3``         query / key / value rows
 :class:`AttentionRowProj`  ``q/k/v_proj_weight``, rows of the shared    query, key or value
@@ -21,9 +25,15 @@ kind                       weight as ``(G, rows, d)``                   input ro
 =========================  ===========================================  =====================================
 
 A new kind is one small class: ``matches(module)``, ``discover(...)`` returning its blocks, and
-``observe(block, call)``; list it in :data:`LAYER_KINDS`. E.g. transformers' ``Conv1D`` (weight stored
-``(in, out)``, ``x @ W + b``) is :class:`Linear` with ``transposed=True``, matched by class name; an
-``nn.Embedding`` is ``transposed`` too (``one_hot(ids) @ W``) and observes token counts.
+``observe(block, call)``; list it in :data:`LAYER_KINDS`. A kind whose statistic is not a Gram matrix also
+says how its projector is built (:meth:`LayerKind.projector`) and what its memory looks like
+(:meth:`LayerKind.memory_shape`): :class:`Embedding` keeps token counts and builds a row mask.
+
+A weight tied between an embedding and an output layer (GPT-2, tied LLaMA / Qwen) gets two blocks, one per
+use: the embedding's (rows, ``transposed``) and the head's (inputs); :func:`discover_blocks` keeps one block
+per weight *and side*, and :mod:`.selection` accepts exactly that pair. Projecting with both in turn gives
+``D dW P``: the two projections act on opposite sides, so they commute and their product keeps both uses
+exact (:mod:`gnsp_optim.embedding`).
 
 A bias that several blocks share, each owning a slice of its entries (attention's separate q/k/v weights
 share ``in_proj_bias``), is expressed once: :attr:`Block.bias_rows`. Everything else reads
@@ -47,14 +57,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .boundary import input_rows, is_hf_conv1d
+from .embedding import TokenCountStat
+from .projector import Projector, projector_from_counts, projector_from_memory
 from .statistics import CovarianceStat
+from .subspace import RankRule
 
 __all__ = ["FeatureSource", "Block", "LayerKind", "Linear", "Conv", "MultiheadAttention", "AttentionInProj",
-           "AttentionRowProj", "AttentionOutProj", "BareMatmul", "Call", "LAYER_KINDS", "discover_blocks",
-           "conv_patches", "attention_heads", "flat_rows"]
+           "AttentionRowProj", "AttentionOutProj", "BareMatmul", "Embedding", "Call", "LAYER_KINDS",
+           "discover_blocks", "conv_patches", "attention_heads", "flat_rows", "StatFactory"]
 
-#: ``make_stat(name, dim, groups) -> CovarianceStat`` (dtype and normalisation fixed by the optimizer)
-StatFactory = Callable[[str, int, int], CovarianceStat]
+
+@dataclass(frozen=True)
+class StatFactory:
+    """``make_stat(name, dim, groups) -> CovarianceStat`` with the optimizer's dtype and normalisation."""
+
+    dtype: torch.dtype = torch.float32
+    normalize: str = "mean"
+
+    def __call__(self, name: str, dim: int, groups: int) -> CovarianceStat:
+        return CovarianceStat(name, dim, groups, dtype=self.dtype, normalize=self.normalize)
 
 
 @dataclass(frozen=True)
@@ -97,7 +119,7 @@ class Block:
     module: nn.Module
     weight_name: str
     weight: nn.Parameter
-    stat: CovarianceStat
+    stat: CovarianceStat | TokenCountStat
     groups: int = 1
     transposed: bool = False
     bias_name: str | None = None
@@ -169,8 +191,9 @@ class Call:
 
 
 def flat_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``x`` as ``(n, dim)`` rows: every leading position (batch, token, ...) is one input."""
-    return x.reshape(-1, dim)
+    """``x`` as ``(n, dim)`` rows: every leading position (batch, token, ...) is one input; a NestedTensor
+    (``nn.TransformerEncoder``'s fast path with a padding mask) gives its real positions only."""
+    return input_rows(x, dim)
 
 
 def _bias_of(module: nn.Module, prefix: str, attr: str = "bias") -> tuple[str | None, nn.Parameter | None]:
@@ -195,21 +218,38 @@ class LayerKind:
     def observe(self, block: Block, call: Call) -> None:
         raise NotImplementedError
 
+    def projector(self, block: Block, memory: torch.Tensor | None, rule: RankRule, *,
+                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> Projector:
+        """The block's projector from its memory ``(G, d+1, d+1)`` (``eigh`` + the rule); ``None``: fully
+        occupied. Only the leading ``block.projector_dim`` rows and columns are used (the bias column only
+        when the block protects its bias)."""
+        if memory is None:
+            return Projector.occupying_all(block.projector_dim, block.groups, device=device, dtype=dtype)
+        d = block.projector_dim
+        return projector_from_memory(memory[:, :d, :d], rule, block.name, device=device, dtype=dtype)
+
+    def memory_shape(self, block: Block) -> tuple[int, ...]:
+        """The shape of the block's memory (checked when a checkpoint is loaded)."""
+        return (block.groups, block.stat.dim + 1, block.stat.dim + 1)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
 class Linear(LayerKind):
-    """``nn.Linear``: ``y = x W^T + b``; every leading position of the input is one row."""
+    """``nn.Linear``: ``y = x W^T + b``; every leading position of the input is one row. Also transformers'
+    ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W`` stored ``(in, out)``, i.e. a ``transposed`` Linear."""
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear)
+        return isinstance(module, nn.Linear) or is_hf_conv1d(module)
 
     def discover(self, name: str, module: nn.Module, make_stat: StatFactory) -> list[Block]:
         prefix = f"{name}." if name else ""
         bias_name, bias = _bias_of(module, prefix)
-        return [Block(name, self, module, prefix + "weight", module.weight, make_stat(name, module.in_features, 1),
-                      bias_name=bias_name, bias=bias)]
+        transposed = not isinstance(module, nn.Linear)
+        d = module.weight.shape[0] if transposed else module.in_features
+        return [Block(name, self, module, prefix + "weight", module.weight, make_stat(name, d, 1),
+                      transposed=transposed, bias_name=bias_name, bias=bias)]
 
     def observe(self, block: Block, call: Call) -> None:
         block.stat.update(flat_rows(call.first_input(), block.stat.dim))
@@ -402,8 +442,39 @@ class BareMatmul(LayerKind):
         block.stat.update(flat_rows(t, block.stat.dim))
 
 
+# ---------------------------------------------------------------------------------------- embedding
+class Embedding(LayerKind):
+    """``nn.Embedding``: ``out = W[t] = one_hot(t) @ W``, a ``transposed`` matmul over ``V`` one-hot inputs.
+
+    The one-hot covariance is ``diag(counts)``, so the statistic is a :class:`~.embedding.TokenCountStat`
+    and the projector a row mask (:func:`~.projector.projector_from_counts`): rows of tokens earlier tasks
+    used are held, the others train. ``max_norm`` (rows renormalised inside ``forward``, a write no
+    projection controls) and ``sparse`` gradients are not discovered: such an embedding is uncovered.
+    """
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding) and module.max_norm is None and not module.sparse
+
+    def discover(self, name: str, module: nn.Module, make_stat: StatFactory) -> list[Block]:
+        prefix = f"{name}." if name else ""
+        stat = TokenCountStat(module.num_embeddings, module.padding_idx, normalize=make_stat.normalize, name=name)
+        return [Block(name, self, module, prefix + "weight", module.weight, stat, transposed=True)]
+
+    def observe(self, block: Block, call: Call) -> None:
+        block.stat.update(call.first_input())
+
+    def projector(self, block: Block, memory: torch.Tensor | None, rule: RankRule, *,
+                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> Projector:
+        if memory is None:  # never saw a token: every row held
+            return Projector.diagonal(torch.zeros(1, block.stat.dim, dtype=torch.bool)).to(device, dtype)
+        return projector_from_counts(memory.reshape(1, -1), rule, device=device, dtype=dtype)
+
+    def memory_shape(self, block: Block) -> tuple[int, ...]:
+        return (block.stat.dim,)
+
+
 #: the kinds :func:`discover_blocks` asks about every module, in this order (a new kind goes here)
-LAYER_KINDS: tuple[LayerKind, ...] = (Linear(), Conv(), MultiheadAttention())
+LAYER_KINDS: tuple[LayerKind, ...] = (Linear(), Conv(), MultiheadAttention(), Embedding())
 
 
 def discover_blocks(model: nn.Module, feature_sources: dict[str, FeatureSource], *,
@@ -411,26 +482,25 @@ def discover_blocks(model: nn.Module, feature_sources: dict[str, FeatureSource],
                     kinds: tuple[LayerKind, ...] = LAYER_KINDS) -> list[Block]:
     """Every block the model offers: each module's blocks by its kind, plus the feature sources.
 
-    A weight gets one block: the first discovered (a module before its children, so attention's own
-    ``out_proj`` block wins over the plain ``Linear`` it is stored as, whose forward never runs); a feature
+    A weight gets one block per side (input side, or ``transposed``): the first discovered (a module before
+    its children, so attention's own ``out_proj`` block wins over the plain ``Linear`` it is stored as, whose
+    forward never runs); a weight tied between an embedding (rows) and a head (inputs) gets both. A feature
     source replaces any block of its parameter. Statistics are created here, hooks are not (:mod:`.hooks`).
 
     Example:
         >>> [b.name for b in discover_blocks(torch.nn.Conv2d(3, 8, 3), {})]
         ['']
     """
-    def make_stat(name: str, dim: int, groups: int) -> CovarianceStat:
-        return CovarianceStat(name, dim, groups, dtype=dtype, normalize=normalize)
-
+    make_stat = StatFactory(dtype, normalize)
     blocks: list[Block] = []
-    seen: set[int] = set()
+    seen: set[tuple[int, bool]] = set()
     for mname, mod in model.named_modules():
         kind = next((k for k in kinds if k.matches(mod)), None)
         if kind is None:
             continue
         for b in kind.discover(mname, mod, make_stat):
-            if id(b.weight) not in seen:
-                seen.add(id(b.weight))
+            if (id(b.weight), b.transposed) not in seen:
+                seen.add((id(b.weight), b.transposed))
                 blocks.append(b)
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
     for pname, src in feature_sources.items():

@@ -25,8 +25,10 @@ it; **frozen** names only the uncovered parameters that the ``uncovered="freeze"
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import numbers
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,11 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .boundary import RUNNING_STATS, RunningStatsFreeze, check_no_dora, check_not_meta
 from .checkpoint import FORMAT_VERSION, check_protection_state, pack_protection_state, restore_protection_state
 from .hooks import Gate, Hooks
 from .kinds import Block, FeatureSource, discover_blocks
 from .projection import LINEAR_STATE_KEYS, project_gradients, project_moments, projected_change
-from .projector import Projector, projector_from_memory
+from .projector import Projector
 from .report import format_summary, report_rows
 from .selection import clean_name, parameter_owners, select_blocks, unwrap_model
 from .sharding import check_model_supported
@@ -49,6 +52,7 @@ __all__ = ["NullSpaceOptimizer", "FORMAT_VERSION", "LINEAR_STATE_KEYS"]
 
 MODES = ("grad", "update")
 UNCOVERED = ("freeze", "train", "raise")
+OUTSIDE_USE = ("warn", "raise", "ignore")
 
 
 def _checked_stats_dtype(model: nn.Module, stats_dtype: torch.dtype | None) -> torch.dtype:
@@ -60,7 +64,8 @@ def _checked_stats_dtype(model: nn.Module, stats_dtype: torch.dtype | None) -> t
     return stats_dtype
 
 
-def _check_arguments(base_optim: Any, model: Any, rho: Any, mode: str, uncovered: str, normalize: str) -> None:
+def _check_arguments(base_optim: Any, model: Any, rho: Any, mode: str, uncovered: str, normalize: str,
+                     running_stats: str = "freeze", outside_use: str = "warn") -> None:
     if isinstance(base_optim, NullSpaceOptimizer):
         raise TypeError("base_optim is already a NullSpaceOptimizer; wrap the inner optimizer once")
     if not isinstance(base_optim, torch.optim.Optimizer):
@@ -70,9 +75,30 @@ def _check_arguments(base_optim: Any, model: Any, rho: Any, mode: str, uncovered
     if not isinstance(rho, numbers.Real) or not (0.0 <= float(rho) < 1.0):  # numpy scalars welcome
         raise ValueError(f"rho must be a number in [0, 1), got {rho!r}")
     for name, value, allowed in (("mode", mode, MODES), ("uncovered", uncovered, UNCOVERED),
-                                 ("normalize", normalize, NORMALIZE_MODES)):
+                                 ("normalize", normalize, NORMALIZE_MODES), ("running_stats", running_stats,
+                                                                             RUNNING_STATS),
+                                 ("outside_use", outside_use, OUTSIDE_USE)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    check_not_meta(model)  # fails late (inside autocast) otherwise
+    check_no_dora(model)  # its column norm is not linear in the adapter: no null space keeps it exact
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether a ``torch.compile`` wrapper sits anywhere in the DDP / compile wrapper chain."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or inner is None:
+            return False
+        model = inner
+
+
+def _release(*owned: Any) -> None:
+    """Finalizer of a dropped wrapper: uninstall what it installed on the model (holds no wrapper)."""
+    for thing in owned:
+        thing.remove()
 
 
 class NullSpaceOptimizer(torch.optim.Optimizer):
@@ -117,6 +143,19 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             Same result to round-off; it saves per-layer launch overhead but costs a stack and a copy back
             of every gradient, so it pays only where launches dominate (default False: on a CPU it measured
             slower, see ``benchmarks/overhead.py``).
+        running_stats: normalisation running statistics (BatchNorm, InstanceNorm with running stats) from the
+            last :meth:`end_task` on: ``"freeze"`` (default) keeps them at their values then, even when you
+            train in train mode (the batch still normalises by its own statistics), so old eval outputs stay
+            exact; ``"track"`` lets them move (and old eval outputs with them; one warning names the layers).
+        outside_use: a protected parameter used outside the module whose hook records its input (e.g.
+            ``F.linear(h, fc.weight)`` in a parent's forward) is detected during :meth:`collect` (a torch
+            function mode sees every op): ``"warn"`` (default) names it, ``"raise"`` refuses the collection,
+            ``"ignore"`` skips the check (it costs a Python call per op during ``collect()``). Not checked for
+            ``torch.compile``d models: run one eager ``collect()`` to check one.
+
+    The hooks stay on the model until :meth:`remove_hooks` (or the end of a ``with NullSpaceOptimizer(...) as
+    opt:`` block, or the wrapper being garbage-collected). ``torch.save(model)`` and ``copy.deepcopy(model)``
+    work while they are installed; a copy's forward passes never feed this wrapper's statistics.
 
     Example:
         >>> import torch
@@ -147,8 +186,11 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         project_state: bool = True,
         sync: bool | None = None,
         batch_layers: bool = False,
+        running_stats: str = "freeze",
+        outside_use: str = "warn",
     ) -> None:
-        _check_arguments(base_optim, model, rho, mode, uncovered, normalize)
+        _check_arguments(base_optim, model, rho, mode, uncovered, normalize, running_stats, outside_use)
+        self._stats_dtype_auto = stats_dtype is None  # then follows a later .double() of the model
         stats_dtype = _checked_stats_dtype(model, stats_dtype)
         # torch.optim.Optimizer bookkeeping, without its __init__ (which would build param_groups anew)
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -161,6 +203,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         check_model_supported(model, [p for g in base_optim.param_groups for p in g["params"]])  # FSDP: refused
 
         self.base = base_optim
+        self.outside_use = "ignore" if _is_compiled(model) else outside_use  # dynamo inlines the module calls
         self.model = unwrap_model(model)
         self.rho, self.mode, self.uncovered, self.normalize = float(rho), mode, uncovered, normalize
         self.rule: RankRule = rule if rule is not None else TailEnergy(float(rho))
@@ -176,7 +219,34 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self._stacked: dict = {}  # batch_layers: stacked bases per member list (cleared when projectors change)
         self._gate = Gate()  # open while collect() is
         self._hooks = Hooks()
+        self._live_views: dict[tuple[str, bool, bool], tuple[Block, Projector]] = {}
+        self._monitor: Any = None
+        self._monitor_inputs: Any = None
         self._build_blocks()
+        self._running_stats = RunningStatsFreeze(self.model, running_stats)
+        self._release = weakref.finalize(self, _release, self._hooks, self._running_stats)
+
+    # ------------------------------------------------------------------ hook lifecycle
+    def remove_hooks(self) -> None:
+        """Uninstall every hook the wrapper put on the model (statistics, running-statistics freeze);
+        idempotent. Projection still works; :meth:`collect` then refuses (build a new wrapper to collect).
+
+        Example:
+            >>> model = torch.nn.Linear(3, 2)
+            >>> with NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model) as opt:
+            ...     len(model._forward_hooks)
+            1
+            >>> len(model._forward_hooks)   # removed on leaving the with block
+            0
+        """
+        self._release()  # runs once: the finalizer is then dead
+        self._hooks_removed = True
+
+    def __enter__(self) -> NullSpaceOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove_hooks()
 
     # ------------------------------------------------------------------ delegation (accelerate's pattern)
     @property
@@ -233,12 +303,16 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         return trained
 
     def _build_blocks(self) -> None:
-        """Discover and select the blocks, keep the memory of blocks that existed before, install the hooks."""
-        self._hooks.remove()
+        """Discover and select the blocks, keep the memory of blocks that existed before, install the hooks.
+
+        Every parameter the base optimizer holds is selectable, ``requires_grad`` or not: one frozen now and
+        unfrozen later (staged unfreezing) then has the statistics of the tasks it sat through. While a
+        block's weight or bias is frozen, :meth:`_live` projects only what trains.
+        """
         named = self._named_params()
         trained = self._trained_params(named)
         earlier = {b.name: b.stat for b in self.blocks}  # add_param_group: keep what earlier tasks left
-        trainable = {id(p) for p in trained if p.requires_grad}  # requires_grad=False: the user froze it
+        trainable = {id(p) for p in trained}
         candidates = discover_blocks(self.model, self.feature_sources, dtype=self.stats_dtype,
                                      normalize=self.normalize)
         self.blocks = select_blocks(candidates, named, trainable, self.protect, owners=parameter_owners(self.model))
@@ -246,14 +320,17 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             b.stat = earlier.get(b.name, b.stat)
         covered = {id(p) for b in self.blocks for _, p in b.params}
         name_of = {id(p): n for n, p in named.items()}
-        self._uncovered = [(name_of.get(id(p), f"<parameter #{i} not in model>"), p)
-                           for i, p in enumerate(trained) if id(p) not in covered and p.requires_grad]
+        uncovered = [(name_of.get(id(p), f"<parameter #{i} not in model>"), p)
+                     for i, p in enumerate(trained) if id(p) not in covered]
+        self._uncovered = [(n, p) for n, p in uncovered if p.requires_grad]
+        self._dormant = [(n, p) for n, p in uncovered if not p.requires_grad]  # frozen by the user, for now
         # blocks whose weight and bias sit in different parameter groups (other lr / momentum): projecting the
         # joint gradient is not enough in grad mode, their change is projected after the step as well
         group_of = {id(p): gi for gi, g in enumerate(self.base.param_groups) for p in g["params"]}
         self._split_groups = {b.name for b in self.blocks
                               if b.bias is not None and group_of.get(id(b.bias)) != group_of.get(id(b.weight))}
-        self._hooks = Hooks.install(self.blocks, self._gate)
+        self._hooks.replace(self.blocks, self._gate)
+        self._live_views.clear()
         if self.tasks_seen > 0:  # add_param_group after a task boundary
             self._refit_after_rebuild()
 
@@ -279,6 +356,26 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             if new:
                 warnings.warn(f"GNSP: parameter(s) {new} are not covered by any protection rule and are frozen",
                               stacklevel=4)
+
+    def _check_newly_trainable(self) -> None:
+        """Uncovered parameters the user unfroze since construction join the uncovered policy, with a warning."""
+        woken = [(n, p) for n, p in self._dormant if p.requires_grad]
+        if not woken:
+            return
+        self._dormant = [(n, p) for n, p in self._dormant if not p.requires_grad]
+        self._uncovered += woken
+        names = [n for n, _ in woken]
+        if self.tasks_seen == 0:
+            return  # the policy applies at the first end_task(), with its warning
+        if self.uncovered == "raise":
+            raise ValueError(f"parameter(s) {names} were unfrozen after the wrapper was built and no block "
+                             "protects them")
+        if self.uncovered == "freeze":
+            self.frozen = self.uncovered_parameters
+        warnings.warn(f"GNSP: parameter(s) {names} were unfrozen after the wrapper was built; no block protects "
+                      f"them, so uncovered={self.uncovered!r} applies: "
+                      f"{'they are held still' if self.uncovered == 'freeze' else 'they train unprotected'}",
+                      stacklevel=4)
 
     @property
     def uncovered_parameters(self) -> list[str]:
@@ -309,16 +406,37 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise RuntimeError("collect() is already open")
         if not (0.0 < row_fraction <= 1.0):
             raise ValueError(f"row_fraction must lie in (0, 1], got {row_fraction!r}")
+        if getattr(self, "_hooks_removed", False):
+            raise RuntimeError("collect(): the hooks were removed (remove_hooks()); build a new wrapper to collect")
+        self._follow_model_dtype()
         gen = torch.Generator().manual_seed(seed)
         for b in self.blocks:
             b.stat.row_fraction, b.stat.generator = float(row_fraction), gen
+        watch = outside_use_watch(self.model, self.blocks, self.outside_use)
         self._gate.open = True
         try:
-            yield self
+            with watch, self._recording_monitor_inputs():
+                yield self
         finally:
             self._gate.open = False
             for b in self.blocks:
                 b.stat.row_fraction, b.stat.generator = 1.0, None
+        report_outside_use(watch, self.outside_use)
+
+    def _follow_model_dtype(self) -> None:
+        """A float32 model converted with ``.double()`` after wrapping: automatic statistics follow it
+        (float32 -> float64 is exact); statistics the user fixed at float32 are kept, with a warning."""
+        if self.stats_dtype == torch.float64 or not any(b.weight.dtype == torch.float64 for b in self.blocks):
+            return
+        if not self._stats_dtype_auto:
+            warnings.warn("GNSP: the model has float64 weights but stats_dtype=torch.float32 was given: the "
+                          "statistics stay float32, so rho=0 protects only to float32 round-off", stacklevel=4)
+            return
+        warnings.warn("GNSP: the model was converted to float64 after wrapping: the statistics switch to float64 "
+                      "too (exactly)", stacklevel=4)
+        self.stats_dtype = torch.float64
+        for b in self.blocks:
+            to_float64_(b.stat)
 
     def discard_collection(self) -> None:
         """Drop what the current collection gathered (the memory of earlier tasks is untouched)."""
@@ -336,6 +454,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         Every projector is built before any memory changes: an error (e.g. ``eigh`` failing) leaves the
         memory, the collection and the projectors as they were.
         """
+        self._check_newly_trainable()
         self._check_collection()
         unseen = [b.name for b in self.blocks if not b.stat.seen]
         if unseen:
@@ -343,10 +462,16 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                           "(treated as fully occupied)", stacklevel=2)
         merged = {b.name: b.stat.merged_memory() for b in self.blocks if b.stat.seen}
         projectors = {b.name: self._projector(b, merged.get(b.name)) for b in self.blocks}
+        warn_newly_full(self.blocks, self.projectors, projectors)
         for b in self.blocks:
             b.stat.fold(merged.get(b.name))
         self.projectors = projectors
         self._stacked.clear()
+        self._live_views.clear()
+        self._running_stats.snapshot()
+        if self._monitor is not None and self._monitor_inputs not in (None, ...):
+            self._monitor.add_task(self._monitor_inputs, name=f"task {self.tasks_seen}")
+            self._monitor_inputs = None
         if self.project_state:
             self._project_moments()
         if self.tasks_seen == 0 and self.uncovered == "freeze" and self._uncovered:
@@ -360,6 +485,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         if self._gate.open:
             raise RuntimeError("end_task() called while collect() is still open")
         self._sync_statistics()
+        if self.blocks and not any(b.stat.seen for b in self.blocks):
+            raise RuntimeError("end_task() found nothing collected: run the model on the finished task's data "
+                               "inside opt.collect() first; nothing was changed")
         bad = [b.name for b in self.blocks if not b.stat.task_is_finite()]
         if bad:
             raise ValueError(f"non-finite values (NaN/Inf) reached collect() in layer(s) {bad}; the collection "
@@ -379,12 +507,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                 b.stat.all_reduce_()
 
     def _projector(self, b: Block, memory: torch.Tensor | None) -> Projector:
-        """The block's projector from its memory ``(G, d+1, d+1)``; no memory: fully occupied (frozen)."""
-        where = dict(device=b.weight.device, dtype=b.weight.dtype)
-        if memory is None:
-            return Projector.occupying_all(b.projector_dim, b.groups, **where)
-        d = b.projector_dim
-        return projector_from_memory(memory[:, :d, :d], self.rule, b.name, **where)
+        """The block's projector from its memory (built by its kind); no memory: fully occupied (frozen)."""
+        return b.kind.projector(b, memory, self.rule, device=b.weight.device, dtype=b.weight.dtype)
 
     def _project_moments(self) -> None:
         if isinstance(self.base, torch.optim.LBFGS):
@@ -395,11 +519,30 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ projection
     def _active(self) -> Iterator[tuple[Block, Projector]]:
-        """The blocks whose projector restricts anything, with it."""
+        """The blocks whose projector restricts anything, with it (as far as they train: :meth:`_live`)."""
         for b in self.blocks:
             p = self.projectors.get(b.name)
+            if p is not None:
+                b, p = self._live(b, p)
             if p is not None and not p.is_identity:
                 yield b, p
+
+    def _live(self, b: Block, proj: Projector) -> tuple[Block, Projector]:
+        """The block as far as it trains now (``requires_grad``), with its projector.
+
+        A frozen weight holds the whole block still: with ``dW = 0`` the bias change must meet every old
+        input's constant 1 with zero, so ``db = 0`` (the gradients are dropped, never zeroed). A frozen bias
+        leaves the weight-only block, projected by the weight part of the memory (refit once per change).
+        """
+        w_live, b_live = b.weight.requires_grad, b.bias is not None and b.bias.requires_grad
+        if w_live and (b_live or b.bias is None):
+            return b, proj
+        key = (b.name, w_live, b_live)
+        if key not in self._live_views:
+            view = b if not w_live else dataclasses.replace(b, bias=None, bias_name=None, bias_rows=None)
+            memory = b.stat.memory if w_live and not proj.is_zero else None
+            self._live_views[key] = (view, self._projector(view, memory))
+        return self._live_views[key]
 
     def _held_still(self) -> list[nn.Parameter]:
         """The uncovered parameters the ``"freeze"`` policy holds still (none before the first end_task)."""
@@ -424,6 +567,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Project, then take the base optimizer's step (``mode="update"``: project the change it made too)."""
+        if self._dormant:
+            self._check_newly_trainable()
         if not self.projectors and not self.frozen:
             return self.base.step() if closure is None else self.base.step(self._projecting(closure))
         with self._change_projection():
@@ -470,8 +615,55 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self.base.load_state_dict(state_dict["base"])
         self.projectors = restore_protection_state(g, self.blocks)
         self._stacked.clear()
+        self._live_views.clear()
         self.frozen = list(g["frozen"])
         self.tasks_seen = int(g["tasks_seen"])
+
+    # ------------------------------------------------------------------ monitor
+    def monitor(self, inputs: Any = None, *, every: int = 100, tol: float = 1e-4, sample: int = 64,
+                forward: Callable[[nn.Module, Any], Any] | None = None) -> Any:
+        """Watch the old outputs: every ``every`` steps re-run the model on a sample of old inputs, log the
+        relative drift, and warn above ``tol`` (a :class:`~gnsp_optim.monitor.ProtectionMonitor`, attached
+        once; later calls return it and may add inputs).
+
+        ``inputs`` given: their first ``sample`` rows are remembered now, as the last finished task, with the
+        outputs the model gives on them now. ``inputs=None``: the next :meth:`collect` remembers the first
+        ``sample`` rows of the first call of the model itself (``model(x)`` / ``model(**batch)``) and
+        :meth:`end_task` registers them; calls like ``model.get_image_features(...)`` bypass that, so pass
+        ``inputs`` and ``forward(model, inputs)`` then. Cost: one no-grad forward over ``sample`` rows per
+        remembered task every ``every`` steps (``benchmarks/boundary_overhead.py``: about 1% of training
+        compute per task at ``every=100``).
+
+        Example:
+            >>> mon = opt.monitor(old_inputs, every=50, tol=1e-6)   # doctest: +SKIP
+            >>> mon.history[-1]                                       # doctest: +SKIP
+            {'step': 50, 'task': 'task 0', 'drift': 3.1e-16}
+        """
+        from .monitor import ProtectionMonitor
+
+        if self._monitor is None:
+            self._monitor = ProtectionMonitor(self.model, every=every, tol=tol, sample=sample, forward=forward)
+            self._monitor.attach(self)
+        if inputs is not None:
+            self._monitor.add_task(inputs, name=f"task {max(self.tasks_seen - 1, 0)}")
+        else:
+            self._monitor_inputs = ...  # the next collect() records them
+        return self._monitor
+
+    @contextlib.contextmanager
+    def _recording_monitor_inputs(self) -> Iterator[None]:
+        if self._monitor is None or self._monitor_inputs is not ...:
+            yield
+            return
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._monitor_inputs is ...:
+                self._monitor_inputs = dict(kwargs) if kwargs and not args else (args[0] if len(args) == 1
+                                                                                  else tuple(args))
+        handle = self.model.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     # ------------------------------------------------------------------ introspection
     def report(self) -> list[dict[str, Any]]:
@@ -493,3 +685,60 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         """
         title = f"NullSpaceOptimizer: mode={self.mode}, rule={self.rule}, tasks seen={self.tasks_seen}"
         return format_summary(self.report(), title, self.frozen)
+
+
+def outside_use_watch(model: nn.Module, blocks: list[Block], policy: str) -> contextlib.AbstractContextManager:
+    """The outside-use detector for ``collect()``: each protected parameter (bare matmul weights excepted:
+    they are used outside their observed module by design) counts as inside the modules whose hooks record
+    its blocks; a null context with ``policy="ignore"``."""
+    if policy == "ignore":
+        return contextlib.nullcontext()
+    from .kinds import BareMatmul
+    from .outside_use import OutsideUseDetector
+
+    pname = {id(p): n for n, p in model.named_parameters()}
+    mname = {id(m): n for n, m in model.named_modules()}
+    inside: dict[str, list[str]] = {}
+    for b in blocks:
+        if isinstance(b.kind, BareMatmul) or id(b.module) not in mname:
+            continue
+        for _, p in b.params:
+            if id(p) in pname:
+                owners = inside.setdefault(pname[id(p)], [])
+                if mname[id(b.module)] not in owners:
+                    owners.append(mname[id(b.module)])
+    return OutsideUseDetector(model, inside)
+
+
+def report_outside_use(watch: Any, policy: str) -> None:
+    """After ``collect()``: name the protected parameters used outside their modules (warn or raise)."""
+    outside = getattr(watch, "outside", None)
+    if not outside:
+        return
+    if policy == "raise":
+        uses = ", ".join(f"{n!r} (by {', '.join(ops)})" for n, ops in outside.items())
+        raise RuntimeError(f"GNSP: protected parameter(s) used outside the module whose input is recorded: {uses}; "
+                           "the collection is kept (call discard_collection() to drop it)")
+    watch.warn(stacklevel=5)
+
+
+def to_float64_(stat: Any) -> None:
+    """Switch a covariance statistic (memory and open collection) to float64, exactly."""
+    if getattr(stat, "dtype", None) != torch.float32:
+        return  # token counts, or already float64
+    stat.dtype = torch.float64
+    for attr in ("memory", "task_sum"):
+        t = getattr(stat, attr, None)
+        if t is not None:
+            setattr(stat, attr, t.to(torch.float64))
+
+
+def warn_newly_full(blocks: list[Block], before: dict[str, Projector], after: dict[str, Projector]) -> None:
+    """One warning naming the blocks that became fully occupied (they saw input; unseen ones are named
+    already), with the way out."""
+    full = [b.name for b in blocks if b.stat.seen and after[b.name].is_zero
+            and not (b.name in before and before[b.name].is_zero)]
+    if full:
+        warnings.warn(f"GNSP: layer(s) {full} are fully occupied by earlier tasks' inputs (null dimension 0): they "
+                      "no longer train. Raise rho (e.g. rho=0.15 leaves the low-energy directions free) or give "
+                      "the layer a wider input (e.g. a larger LoRA rank r)", UserWarning, stacklevel=3)

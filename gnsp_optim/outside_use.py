@@ -97,25 +97,24 @@ class OutsideUseDetector(TorchFunctionMode):
         self._handles: list = []
         self.outside: dict[str, list[str]] = {}
 
-        def own(pid: int, mod: nn.Module) -> None:
-            self._owners[pid].add(id(mod))
-            self._owner_modules[id(mod)] = mod
-
         if explicit is not None:
             for n, mnames in explicit.items():
                 for mn in mnames:
                     if mn not in modules:
                         raise ValueError(f"OutsideUseDetector: {n!r} names module {mn!r}, which the model lacks")
-                    own(id(params[n]), modules[mn])
+                    self._own(id(params[n]), modules[mn])
             return
         for mod in modules.values():
-            for p in mod._parameters.values():
-                if p is not None and id(p) in self._owners:
-                    own(id(p), mod)
+            held = list(mod._parameters.values())
             if isinstance(mod, nn.MultiheadAttention):  # out_proj's forward never runs: MHA reads it itself
-                for p in mod.out_proj.parameters():
-                    if id(p) in self._owners:
-                        own(id(p), mod)
+                held += list(mod.out_proj.parameters())
+            for p in held:
+                if p is not None and id(p) in self._owners:
+                    self._own(id(p), mod)
+
+    def _own(self, pid: int, mod: nn.Module) -> None:
+        self._owners[pid].add(id(mod))
+        self._owner_modules[id(mod)] = mod
 
     # module-call tracking ------------------------------------------------------------------------------
     def _enter(self, mod: nn.Module, *_: Any) -> None:

@@ -14,6 +14,11 @@ zero-padded, which changes neither form.
 Data path, step 4-5 of 5 (hook -> statistics -> end_task -> rule + eigh -> **projector** -> step):
 :func:`projector_from_memory` builds it at ``end_task``; :mod:`gnsp_optim.projection` applies it each step.
 
+An input whose covariance is diagonal (an ``nn.Embedding``'s one-hot tokens: ``diag(counts)``) has the
+coordinate axes as eigenvectors, so its projector is a mask (``form="diagonal"``: ``basis`` is ``(G, d, 1)``,
+1 for a free coordinate, 0 for an occupied one), built by :func:`projector_from_counts` without an ``eigh``
+and stored in ``d`` numbers instead of ``d * min(k, d-k)``.
+
 A protected bias is the weight of a constant-1 input: the basis then has ``d + 1`` rows and the last one
 belongs to the bias, so ``[dW | db]`` is projected as one matrix without ever concatenating it.
 
@@ -34,12 +39,13 @@ import torch
 from .naive import project_dense as project_reference  # noqa: F401  (its old name)
 from .subspace import RankRule, eigh_descending
 
-__all__ = ["Projector", "projector_from_memory"]
+__all__ = ["Projector", "projector_from_memory", "projector_from_counts"]
 
 
 @dataclass
 class Projector:
-    """Either the occupied basis (``form="kept"``) or the null basis (``form="null"``) of each group.
+    """Either the occupied basis (``form="kept"``) or the null basis (``form="null"``) of each group, or the
+    free-coordinate mask (``form="diagonal"``, ``basis`` ``(G, d, 1)``) of a diagonal covariance.
 
     ``basis`` is ``(G, d, r)`` with orthonormal (or zero-padded) columns; ``kept_ranks[g]`` is the number of
     occupied directions of group ``g``; ``dim`` the input dimension ``d`` (bias column included when protected).
@@ -88,6 +94,19 @@ class Projector:
         eye = torch.eye(dim, dtype=dtype, device=device).expand(groups, dim, dim)
         return cls.from_bases(eye, eye[:, :, :0], [dim] * groups)
 
+    @classmethod
+    def diagonal(cls, free: torch.Tensor) -> Projector:
+        """The mask projector of a diagonal covariance: ``free`` is ``(G, d)`` bool, True where no input lives.
+
+        Example:
+            >>> p = Projector.diagonal(torch.tensor([[True, False, True]]))
+            >>> p.kept_ranks, p.apply(torch.ones(1, 1, 3))[0].tolist()
+            ([1], [[[1.0, 0.0, 1.0]]])
+        """
+        ranks = [int((~f).sum()) for f in free]
+        return cls(form="diagonal", basis=free.to(torch.get_default_dtype()).unsqueeze(-1).contiguous(),
+                   kept_ranks=ranks, dim=free.shape[-1])
+
     @property
     def is_identity(self) -> bool:
         """Nothing is occupied: every update passes unchanged."""
@@ -121,6 +140,8 @@ class Projector:
             [[[0.0, 3.0]]]
         """
         b_w, b_b = self._split(weight, bias)
+        if self.form == "diagonal":
+            return weight * b_w.transpose(1, 2), (None if bias is None else bias * b_b.transpose(1, 2))
         coef = torch.bmm(weight, b_w)
         if bias is not None:
             coef = coef + torch.bmm(bias, b_b)
@@ -155,6 +176,11 @@ class Projector:
             [[[0.0, 3.0]]]
         """
         b_w, b_b = self._split(weight, bias)
+        if self.form == "diagonal":
+            weight.mul_(b_w.transpose(1, 2))
+            if bias is not None:
+                bias.mul_(b_b.transpose(1, 2))
+            return
         coef = torch.bmm(weight, b_w)
         if bias is not None:
             coef.baddbmm_(bias, b_b)
@@ -183,4 +209,25 @@ def projector_from_memory(memory: torch.Tensor, rule: RankRule, label: str, *,
     null = torch.stack([vec[g].roll(-ranks[g], dims=1) for g in range(lam.shape[0])])
     proj = Projector.from_bases(vec, null, ranks).to(device=device, dtype=dtype)
     proj.eigenvalues = lam.detach().cpu()
+    return proj
+
+
+def projector_from_counts(counts: torch.Tensor, rule: RankRule, *, device: torch.device | None = None,
+                          dtype: torch.dtype | None = None) -> Projector:
+    """The projector of a diagonal covariance ``diag(counts)`` (``(G, d)``): its eigenvalues are the counts
+    and its eigenvectors the coordinate axes, so the rule's rank ``k`` occupies the ``k`` largest counts
+    (ties: the lower index first) and the projector is a mask. Twin: :func:`gnsp_optim.naive.diagonal_projector_dense`.
+
+    Example:
+        >>> from gnsp_optim.subspace import TailEnergy
+        >>> projector_from_counts(torch.tensor([[3.0, 0.0, 1.0]]), TailEnergy(0.0)).basis[0, :, 0].tolist()
+        [0.0, 1.0, 0.0]
+    """
+    counts = counts.detach().to(torch.float64)
+    lam, order = torch.sort(counts, dim=-1, descending=True, stable=True)
+    free = torch.ones_like(counts, dtype=torch.bool)
+    for g in range(counts.shape[0]):
+        free[g, order[g, : int(rule(lam[g]))]] = False
+    proj = Projector.diagonal(free).to(device=device, dtype=dtype)
+    proj.eigenvalues = lam.cpu()
     return proj

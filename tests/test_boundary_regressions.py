@@ -1,8 +1,7 @@
 """Issue 13, one regression test per bullet: protection is never lost in silence at the wrapper's boundary.
 
-Public API only. Tests marked ``xfail(strict=True)`` fail on main 03ce54c for the reason given (the measured
-numbers are in /work/notes/anymodel-design.md); they flip to failures when the fix lands and the mark goes.
-New public names these tests fix (to be implemented by the integration of issue 13):
+Public API only. Each test failed on main 03ce54c (the measured numbers are in /work/notes/anymodel-design.md)
+and passes with the integration of issue 13. Public names these tests fix:
 
 - ``NullSpaceOptimizer(..., running_stats="freeze" | "track")``: normalisation running statistics after
   ``end_task()`` (default ``"freeze"``);
@@ -89,22 +88,17 @@ def _bn_drift(**kw) -> tuple[float, torch.Tensor, torch.Tensor]:
         return rel(model(old), y0), mean0, model.bn.running_mean.clone()
 
 
-@pytest.mark.xfail(strict=True, reason="BatchNorm running stats move in train mode on task 2: old eval "
-                                       "outputs drift (relative 0.52 measured), no warning")
 def test_batchnorm_running_stats_kept_fixed_by_default():
     drift, _, _ = _bn_drift()
     assert drift < TOL, drift
 
 
-@pytest.mark.xfail(strict=True, reason="no running_stats option today (TypeError)")
 def test_batchnorm_running_stats_option_lets_them_move():
     _, mean0, mean1 = _bn_drift(running_stats="track")
     assert not torch.equal(mean0, mean1)
 
 
 # ---------------------------------------------------------------- staged unfreezing
-@pytest.mark.xfail(strict=True, reason="a parameter frozen at construction and unfrozen later is neither "
-                                       "protected nor frozen: old outputs drift (relative 1.25 measured), no warning")
 def test_parameter_unfrozen_after_construction_is_protected_or_warned():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)).double()
@@ -135,8 +129,6 @@ class OutsideUse(nn.Module):
         return self.out(F.linear(h, self.fc.weight))  # fc.weight again, outside fc's forward
 
 
-@pytest.mark.xfail(strict=True, reason="a protected weight used outside its module's forward is not "
-                                       "detected: drift 0.20 relative measured, no warning")
 def test_weight_used_outside_its_module_is_named():
     torch.manual_seed(0)
     model = OutsideUse().double()
@@ -152,8 +144,6 @@ def test_weight_used_outside_its_module_is_named():
 
 
 # ---------------------------------------------------------------- NestedTensor (TransformerEncoder fast path)
-@pytest.mark.xfail(strict=True, reason="nn.TransformerEncoder in eval + no_grad with src_key_padding_mask "
-                                       "passes a NestedTensor: RuntimeError in the hook's reshape")
 def test_transformer_encoder_padding_mask_nested_tensor():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
@@ -178,9 +168,6 @@ def test_transformer_encoder_padding_mask_nested_tensor():
 @pytest.mark.parametrize("mode,make", [
     ("grad", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01)),
     ("update", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))])
-@pytest.mark.xfail(strict=True, reason="a weight frozen mid-task (requires_grad_(False), bias still "
-                                       "training) is handed a zero gradient and moved by momentum / decay "
-                                       "(max abs 0.020 SGD, 0.033 AdamW measured)")
 def test_weight_frozen_mid_task_stays_still(mode, make):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)).double()
@@ -194,8 +181,6 @@ def test_weight_frozen_mid_task_stays_still(mode, make):
 
 # ---------------------------------------------------------------- DoRA refused clearly
 @pytest.mark.skipif(not HAS_PEFT, reason="peft not installed")
-@pytest.mark.xfail(strict=True, reason="PEFT DoRA is accepted today: its hooks record an identity and every "
-                                       "adapter block is fully occupied; nothing trains, no message")
 def test_dora_refused_clearly():
     import peft
     import transformers as tf
@@ -209,7 +194,6 @@ def test_dora_refused_clearly():
 
 
 # ---------------------------------------------------------------- meta device
-@pytest.mark.xfail(strict=True, reason="a meta-device model is accepted and fails later inside autocast")
 def test_meta_device_model_refused_at_construction():
     with torch.device("meta"):
         model = nn.Linear(4, 2)
@@ -227,7 +211,6 @@ def _small():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)).double()
 
 
-@pytest.mark.xfail(strict=True, reason="no public way to remove the hooks today (AttributeError)")
 def test_remove_hooks_is_public():
     model = _small()
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -236,7 +219,6 @@ def test_remove_hooks_is_public():
     assert _hook_count(model) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="NullSpaceOptimizer is not a context manager today")
 def test_context_manager_removes_hooks_on_exit():
     model = _small()
     with NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model) as opt:
@@ -244,8 +226,6 @@ def test_context_manager_removes_hooks_on_exit():
     assert _hook_count(model) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="after `del opt` the hooks stay on the model and keep the wrapper "
-                                       "(and its optimizer state) alive")
 def test_dropping_the_wrapper_releases_it_and_its_hooks():
     model = _small()
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -256,8 +236,6 @@ def test_dropping_the_wrapper_releases_it_and_its_hooks():
     assert _hook_count(model) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="torch.save(model) fails after wrapping: local hook closures cannot "
-                                       "be pickled")
 def test_torch_save_of_a_wrapped_model():
     model = _small()
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -270,8 +248,6 @@ def test_torch_save_of_a_wrapped_model():
     assert opt.tasks_seen == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a copy.deepcopy(model) made after wrapping carries the hooks and "
-                                       "feeds the original's statistics")
 def test_deepcopy_never_feeds_the_original_statistics():
     def kept_ranks(run_copy: bool):
         model = _small()
@@ -288,9 +264,6 @@ def test_deepcopy_never_feeds_the_original_statistics():
 
 
 # ---------------------------------------------------------------- conversion after wrapping
-@pytest.mark.xfail(strict=True, reason="a float32 model converted with .double() after wrapping keeps "
-                                       "float32 statistics: rho=0 protection is float32-exact only "
-                                       "(drift 1.3e-6 measured), silently")
 def test_double_after_wrapping_keeps_exact_statistics_or_says_why():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))  # float32 at construction
@@ -304,7 +277,6 @@ def test_double_after_wrapping_keeps_exact_statistics_or_says_why():
 
 
 # ---------------------------------------------------------------- end_task with nothing collected
-@pytest.mark.xfail(strict=True, reason="end_task() with nothing collected warns and freezes every layer")
 def test_end_task_with_nothing_collected_is_an_error():
     model = _small()
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -327,7 +299,6 @@ def test_end_task_with_nothing_collected_changes_nothing_it_should_not():
 
 
 # ---------------------------------------------------------------- a block that becomes fully occupied
-@pytest.mark.xfail(strict=True, reason="a block whose inputs span its whole input space is frozen silently")
 def test_fully_occupied_block_is_named_with_the_way_out():
     model = _small()
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0)
@@ -339,7 +310,6 @@ def test_fully_occupied_block_is_named_with_the_way_out():
 
 
 # ---------------------------------------------------------------- the protection monitor
-@pytest.mark.xfail(strict=True, reason="no opt.monitor() today (AttributeError)")
 def test_monitor_warns_when_a_path_the_hooks_cannot_see_moves_old_outputs():
     torch.manual_seed(0)
     model = OutsideUse().double()

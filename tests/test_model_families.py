@@ -5,8 +5,9 @@ One checker, public API only: ``NullSpaceOptimizer(base, model, rho=0)`` with th
 must be unchanged to ``TOL`` (relative, float64) while the task-2 loss fell. Two configurations, as the
 issue names them: update mode + AdamW (with weight decay) and grad mode + SGD with momentum.
 
-Tests marked ``xfail(strict=True)`` fail on the code of main 03ce54c for the reason given (measured, see
-/work/notes/anymodel-design.md); they turn into failures the day the fix lands, and the mark goes then.
+On main 03ce54c the tied families were refused at construction, token embeddings were frozen instead of
+protected, transformers' ``Conv1D`` was not a layer kind and broad patterns were refused (measured, see
+/work/notes/anymodel-design.md); every test here passes since issue 13's integration.
 """
 
 from __future__ import annotations
@@ -162,33 +163,29 @@ def _oc_loss(model, batch):
     return torch.nn.functional.cross_entropy(logits, y) + torch.nn.functional.cross_entropy(logits.T, y)
 
 
-# name -> (build, batch(gen, n), outputs(model, batch), loss(model, batch), skip mark or None, why it fails today)
-REFUSED_TIED = "refused today at construction: tied embedding/head weight is 'shared by several modules'"
+# name -> (build, batch(gen, n), outputs(model, batch), loss(model, batch), skip mark or None)
 FAMILIES = {
-    "gpt2-tied": (_gpt2, _tokens, _lm_out, _lm_loss, needs_tf, REFUSED_TIED),
-    "gpt2-untied": (lambda: _gpt2(tied=False), _tokens, _lm_out, _lm_loss, needs_tf, None),
-    "llama-tied": (lambda: _tiny_decoder("llama", True), _tokens, _lm_out, _lm_loss, needs_tf, REFUSED_TIED),
-    "llama-untied": (lambda: _tiny_decoder("llama", False), _tokens, _lm_out, _lm_loss, needs_tf, None),
-    "qwen2-tied": (lambda: _tiny_decoder("qwen2", True), _tokens, _lm_out, _lm_loss, needs_tf, REFUSED_TIED),
-    "qwen2-untied": (lambda: _tiny_decoder("qwen2", False), _tokens, _lm_out, _lm_loss, needs_tf, None),
-    "bert": (_bert, _cls_batch(_tokens), lambda m, b: _lm_out(m, _no_labels(b)), _cls_loss, needs_tf, None),
-    "vit": (_vit, _cls_batch(_pixels), lambda m, b: _lm_out(m, _no_labels(b)), _cls_loss, needs_tf, None),
-    "hf-clip": (_hf_clip, _clip_batch, _clip_out, _clip_loss, needs_tf, None),
+    "gpt2-tied": (_gpt2, _tokens, _lm_out, _lm_loss, needs_tf),
+    "gpt2-untied": (lambda: _gpt2(tied=False), _tokens, _lm_out, _lm_loss, needs_tf),
+    "llama-tied": (lambda: _tiny_decoder("llama", True), _tokens, _lm_out, _lm_loss, needs_tf),
+    "llama-untied": (lambda: _tiny_decoder("llama", False), _tokens, _lm_out, _lm_loss, needs_tf),
+    "qwen2-tied": (lambda: _tiny_decoder("qwen2", True), _tokens, _lm_out, _lm_loss, needs_tf),
+    "qwen2-untied": (lambda: _tiny_decoder("qwen2", False), _tokens, _lm_out, _lm_loss, needs_tf),
+    "bert": (_bert, _cls_batch(_tokens), lambda m, b: _lm_out(m, _no_labels(b)), _cls_loss, needs_tf),
+    "vit": (_vit, _cls_batch(_pixels), lambda m, b: _lm_out(m, _no_labels(b)), _cls_loss, needs_tf),
+    "hf-clip": (_hf_clip, _clip_batch, _clip_out, _clip_loss, needs_tf),
     "peft-lora-llama": (_lora_llama, _tokens, _lm_out, _lm_loss,
-                        pytest.mark.skipif(not (HAS_TRANSFORMERS and HAS_PEFT), reason="peft not installed"),
-                        None),
+                        pytest.mark.skipif(not (HAS_TRANSFORMERS and HAS_PEFT), reason="peft not installed")),
     "open_clip": (_open_clip, _oc_batch, _oc_out, _oc_loss,
-                  pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip not installed"), None),
+                  pytest.mark.skipif(not HAS_OPEN_CLIP, reason="open_clip not installed")),
 }
 
 
 def _cases():
     out = []
-    for fam, (_, _, _, _, skip, fails_today) in FAMILIES.items():
+    for fam, (_, _, _, _, skip) in FAMILIES.items():
         for cfg in CONFIGS:
             marks = [skip] if skip is not None else []
-            if fails_today:
-                marks.append(pytest.mark.xfail(strict=True, reason=fails_today))
             out.append(pytest.param(fam, cfg, marks=marks, id=f"{fam}-{cfg}"))
     return out
 
@@ -201,7 +198,7 @@ def build(family: str):
 
 def one_line_run(family: str, config: str, steps: int = 6):
     """The checker. Returns (relative drift of the old outputs, task-2 loss before, after, the wrapper)."""
-    _, batch, outputs, loss_fn, _, _ = FAMILIES[family]
+    _, batch, outputs, loss_fn, _ = FAMILIES[family]
     mode, make_base = CONFIGS[config]
     model = build(family)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -234,7 +231,7 @@ def test_one_line_keeps_old_outputs_while_new_loss_falls(family, config):
     assert after < before - 1e-4, f"{family}/{config}: task-2 loss did not fall ({before:.6f} -> {after:.6f})"
 
 
-# What each family's default selection must protect once issue 13 lands: every Linear / Conv1D / conv /
+# What each family's default selection must protect: every Linear / Conv1D / conv /
 # attention weight, and the token embeddings (protected through token counts, not frozen). Norm weights and
 # position tables may stay frozen. Checked through report() (protected) and the frozen list (public).
 MUST_PROTECT = {
@@ -248,11 +245,10 @@ MUST_PROTECT = {
     "hf-clip": ["text_model.encoder.layers.0.self_attn.q_proj.bias", "visual_projection.weight",
                 "text_model.embeddings.token_embedding.weight"],
     "vit": ["vit.embeddings.patch_embeddings.projection.weight", "vit.layers.0.attention.q_proj.bias",
-            "classifier.weight"],  # no token embedding: holds today
+            "classifier.weight"],  # no token embedding
     "open_clip": ["visual.conv1.weight", "transformer.resblocks.0.attn.in_proj_weight",
                   "transformer.resblocks.0.attn.out_proj.bias", "token_embedding.weight"],
 }
-EMBEDDING_FROZEN = "today nn.Embedding is not a layer kind: token embeddings are frozen, not protected"
 
 
 def _protected_names(opt) -> set[str]:
@@ -260,13 +256,9 @@ def _protected_names(opt) -> set[str]:
 
 
 @pytest.mark.parametrize("family", [
-    pytest.param("gpt2-tied", marks=[needs_tf, pytest.mark.xfail(strict=True, reason=REFUSED_TIED)]),
-    pytest.param("llama-tied", marks=[needs_tf, pytest.mark.xfail(strict=True, reason=REFUSED_TIED)]),
-    *[pytest.param(f, marks=[needs_tf, pytest.mark.xfail(strict=True, reason=EMBEDDING_FROZEN)])
-      for f in ("llama-untied", "qwen2-untied", "bert", "hf-clip")],
-    pytest.param("vit", marks=needs_tf),
-    pytest.param("open_clip", marks=[FAMILIES["open_clip"][4], pytest.mark.xfail(strict=True,
-                                                                                 reason=EMBEDDING_FROZEN)])])
+    *[pytest.param(f, marks=needs_tf)
+      for f in ("gpt2-tied", "llama-tied", "llama-untied", "qwen2-untied", "bert", "hf-clip", "vit")],
+    pytest.param("open_clip", marks=FAMILIES["open_clip"][4])])
 def test_default_selection_protects_layers_and_embeddings(family):
     model = build(family)
     opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0)
@@ -275,8 +267,6 @@ def test_default_selection_protects_layers_and_embeddings(family):
 
 
 @needs_tf
-@pytest.mark.xfail(strict=True, reason="transformers Conv1D is not a layer kind today: an untied GPT-2 "
-                                       "protects only lm_head and freezes every c_attn / c_proj / c_fc")
 def test_untied_gpt2_protects_its_conv1d_layers_with_bias():
     torch.manual_seed(0)
     model = _gpt2(tied=False).double().eval()
@@ -288,8 +278,6 @@ def test_untied_gpt2_protects_its_conv1d_layers_with_bias():
 
 
 @needs_tf
-@pytest.mark.xfail(strict=True, reason="a broad pattern that also matches norm weights is refused today "
-                                       "(\"protected parameter ...input_layernorm.weight has shape (32,)\")")
 def test_broad_pattern_protects_what_it_can_and_warns_once():
     model = build("llama-untied")
     with warnings.catch_warnings(record=True) as caught:

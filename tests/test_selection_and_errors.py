@@ -287,19 +287,53 @@ def test_row_subsampling_keeps_a_share_of_rows_and_still_protects_a_low_rank_tas
 D64 = dict(dtype=torch.float64)
 
 
-def test_weight_tied_to_an_embedding_is_refused():
+@pytest.mark.parametrize("mode,make", [("grad", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+                                       ("update", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))])
+def test_weight_tied_to_an_embedding_is_protected_in_both_uses(mode, make):
+    """Issue 13 replaced the refusal: the embedding's rows of old tokens and the head's old inputs both hold."""
     class LM(nn.Module):
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(10, 6)
+            self.mix = nn.Linear(6, 6)
             self.head = nn.Linear(6, 10, bias=False)
             self.head.weight = self.emb.weight
 
         def forward(self, ids):
-            return self.head(self.emb(ids))
+            return self.head(torch.tanh(self.mix(self.emb(ids))))
 
-    m = LM()
-    with pytest.raises(ValueError, match=r"'head\.weight' is shared by several modules"):
+    torch.manual_seed(0)
+    m = LM().double()
+    opt = NullSpaceOptimizer(make(m.parameters()), m, rho=0.0, mode=mode)
+    assert {"emb", "head"} <= {r["layer"] for r in opt.report()}  # two blocks on the one weight
+    old = torch.tensor([[1, 2, 3]])  # 3 tokens: rows 1-3 held; 3 head inputs of 6 dimensions occupied
+    before = collect(opt, m, old)
+    w0 = m.emb.weight.detach().clone()
+    new = torch.randint(0, 10, (4, 5))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(new).flatten(0, 1), new.flatten().roll(1))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert (m(old) - before).abs().max() < 1e-9 and losses[-1] < losses[0]
+    assert torch.equal(m.emb.weight[1:4], w0[1:4]) and not torch.equal(m.emb.weight, w0)
+
+
+def test_weight_tied_between_two_linear_layers_is_still_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+            self.b = nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    m = Tied()
+    with pytest.raises(ValueError, match=r"'a\.weight' is shared by several modules"):
         NullSpaceOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m)
 
 
