@@ -13,6 +13,8 @@ fast path                              twin
 :class:`.CovarianceStat` accumulation  :func:`covariance_sum`: a sum of outer products
 :func:`.kinds.conv_patches`            :func:`conv_patches_loop`: patches read out with index loops
 :func:`.kinds.attention_heads`         :func:`attention_heads_loop`: softmax attention, one head at a time
+:func:`.projector_from_counts`         :func:`one_hot_null_projector`: dense one-hot Gram matrix, ``eigh``
+(``nn.Embedding``'s row mask)
 =====================================  ==========================================================
 
 Example:
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["project_dense", "project_block_dense", "tail_energy_rank_loop", "covariance_sum",
-           "conv_patches_loop", "attention_heads_loop"]
+           "conv_patches_loop", "attention_heads_loop", "one_hot_null_projector"]
 
 
 def project_dense(matrix: torch.Tensor, occupied: torch.Tensor) -> torch.Tensor:
@@ -202,3 +204,26 @@ def project_block_dense(block: Any, proj: Any, w: torch.Tensor, b: torch.Tensor 
         if new_b is not None:
             new_b[rows][r] = out[:, -1]
     return (new_w.t() if block.transposed else new_w.reshape(w.shape)), new_b
+
+
+def one_hot_null_projector(tasks: list[torch.Tensor], vocab: int, rule: Any, normalize: str = "mean"
+                           ) -> torch.Tensor:
+    """The ``V x V`` null-space projector of an embedding's inputs, the obvious way: every task's token ids
+    as one-hot rows, their normalised Gram matrix (:func:`covariance_sum`) summed over tasks, ``eigh``, the
+    rule's rank on the descending eigenvalues, ``N N^T``. An embedding's weight change ``dW`` (``V x d``)
+    keeps old outputs when it is ``P dW``.
+
+    Example:
+        >>> from gnsp_optim.subspace import TailEnergy
+        >>> p = one_hot_null_projector([torch.tensor([0, 0, 2])], 3, TailEnergy(0.0))
+        >>> torch.diagonal(p).round().tolist()
+        [0.0, 1.0, 0.0]
+    """
+    memory = torch.zeros(vocab, vocab, dtype=torch.float64)
+    for ids in tasks:
+        rows = F.one_hot(ids.reshape(-1), vocab).to(torch.float64)
+        memory += covariance_sum([rows], normalize)[:vocab, :vocab]
+    lam, vec = torch.linalg.eigh(memory)
+    lam, vec = lam.flip(0), vec.flip(1)
+    null = vec[:, int(rule(lam)):]
+    return null @ null.T
