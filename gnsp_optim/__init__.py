@@ -11,6 +11,7 @@ Example:
 """
 
 from .kinds import FeatureSource
+from .monitor import ProtectionMonitor
 from .optimizer import FORMAT_VERSION, NullSpaceOptimizer
 from .projector import Projector
 from .selection import GNSP_CLIP_VISUAL
@@ -27,6 +28,7 @@ __all__ = [
     "RelativeEigenvalue",
     "FixedRank",
     "Projector",
+    "ProtectionMonitor",
     "FORMAT_VERSION",
     "__version__",
 ]

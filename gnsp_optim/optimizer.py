@@ -123,8 +123,10 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             made: **exact for any optimizer**, decoupled weight decay and stale moments included, at the cost
             of one copy of the protected parameters per step.
         rule: a rank rule (``eigenvalues -> k``), e.g. :class:`~gnsp_optim.subspace.RelativeEigenvalue`.
-        protect: parameter-name glob patterns to protect (``None``: every Linear, Conv1d/2d and
-            MultiheadAttention weight and bias the base optimizer trains, plus ``feature_sources``).
+        protect: parameter-name glob patterns to protect (``None``: every Linear, transformers ``Conv1D``,
+            Conv1d/2d, MultiheadAttention and Embedding weight and bias the base optimizer holds, plus
+            ``feature_sources``). Parameters a wildcard pattern matches that no layer kind protects follow
+            ``uncovered`` (one warning names them); an exact name that cannot be protected is an error.
         feature_sources: ``{param_name: FeatureSource}`` for bare matmul weights such as CLIP's ``visual.proj``.
         uncovered: what happens after the first :meth:`end_task` to trained parameters no block protects:
             ``"freeze"`` (default; one warning names them), ``"train"`` (left free: old outputs may move),
@@ -408,6 +410,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise ValueError(f"row_fraction must lie in (0, 1], got {row_fraction!r}")
         if getattr(self, "_hooks_removed", False):
             raise RuntimeError("collect(): the hooks were removed (remove_hooks()); build a new wrapper to collect")
+        self._check_same_parameters()
         self._follow_model_dtype()
         gen = torch.Generator().manual_seed(seed)
         for b in self.blocks:
@@ -422,6 +425,16 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             for b in self.blocks:
                 b.stat.row_fraction, b.stat.generator = 1.0, None
         report_outside_use(watch, self.outside_use)
+
+    def _check_same_parameters(self) -> None:
+        """Refuse to collect for parameters the model no longer holds (replaced, not converted in place)."""
+        held = {id(p) for p in self.model.parameters()}
+        gone = next((b.weight_name for b in self.blocks if id(b.weight) not in held), None)
+        if gone is not None:
+            raise RuntimeError(f"parameter {gone!r} was replaced by a new tensor after the wrapper was built (e.g. "
+                               "a conversion under torch.__future__.set_overwrite_module_params_on_conversion(True)"
+                               ", or load_state_dict(assign=True)): the base optimizer and the wrapper hold the old "
+                               "one; build both again for the converted model")
 
     def _follow_model_dtype(self) -> None:
         """A float32 model converted with ``.double()`` after wrapping: automatic statistics follow it
@@ -522,6 +535,10 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         """The blocks whose projector restricts anything, with it (as far as they train: :meth:`_live`)."""
         for b in self.blocks:
             p = self.projectors.get(b.name)
+            if p is not None and p.basis.device != b.weight.device:  # model.to(device) after end_task()
+                p = self.projectors[b.name] = p.to(device=b.weight.device)
+                self._stacked.clear()
+                self._live_views.clear()
             if p is not None:
                 b, p = self._live(b, p)
             if p is not None and not p.is_identity:

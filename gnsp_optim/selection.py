@@ -198,7 +198,8 @@ def _explain_unprotected_matches(chosen: list[Block], named_params: dict[str, nn
         if id(p) not in trainable:
             why = "is not trained by the base optimizer"
         elif p.dim() == 2:
-            why = ("is not the weight or bias of a Linear, Conv1d/2d or MultiheadAttention layer; give it a "
+            why = ("is not the weight or bias of a Linear (or transformers Conv1D), Conv1d/2d, "
+                   "MultiheadAttention or Embedding layer; give it a "
                    "FeatureSource if it is a bare matmul weight")
         elif name.endswith("bias"):
             why = "is a bias whose weight is not protected: protect the weight and the bias together"

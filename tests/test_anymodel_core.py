@@ -291,3 +291,16 @@ def test_double_after_wrapping_switches_the_statistics_to_float64():
         with opt.collect(), torch.no_grad():
             model(torch.randn(2, 3, **D64))
     assert opt.blocks[0].stat.dtype == torch.float64 and opt.stats_dtype == torch.float64
+
+
+def test_parameters_replaced_by_a_conversion_are_refused_by_name():
+    model = nn.Linear(3, 2)
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.double()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    with pytest.raises(RuntimeError, match="'weight' was replaced"):
+        with opt.collect():
+            pass
