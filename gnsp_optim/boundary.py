@@ -96,6 +96,8 @@ class RunningStatsFreeze:
 
     def snapshot(self) -> None:
         """Record the current buffers as the values to keep (call at every ``end_task()``)."""
+        if self.mode == "removed":
+            return
         if self.mode == "track":
             if self.layers and not self._warned:
                 self._warned = True
@@ -122,7 +124,8 @@ class RunningStatsFreeze:
             getattr(mod, k).data.copy_(v)
 
     def remove(self) -> None:
-        """Stop keeping them fixed."""
+        """Stop keeping them fixed (for good: a later :meth:`snapshot` installs nothing)."""
+        self.mode = "removed"
         for h in self._handles:
             h.remove()
         self._handles = []

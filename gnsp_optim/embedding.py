@@ -113,7 +113,12 @@ class TokenCountStat:
         """Sum the open collection's counts over all processes of the default ``torch.distributed`` group."""
         import torch.distributed as dist
 
-        dist.all_reduce(self.task_counts)
+        # the counts live on the CPU; NCCL reduces CUDA tensors only
+        on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        counts = self.task_counts if on is None else self.task_counts.to(on)
+        dist.all_reduce(counts)
+        if on is not None:
+            self.task_counts.copy_(counts.cpu())
 
     def task_contribution(self) -> torch.Tensor:
         """The open collection's counts, normalised as ``normalize`` says (float64)."""

@@ -224,6 +224,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self._live_views: dict[tuple[str, bool, bool], tuple[Block, Projector]] = {}
         self._monitor: Any = None
         self._monitor_inputs: Any = None
+        self._hooks_removed = False
         self._build_blocks()
         self._running_stats = RunningStatsFreeze(self.model, running_stats)
         self._release = weakref.finalize(self, _release, self._hooks, self._running_stats)
@@ -231,7 +232,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ hook lifecycle
     def remove_hooks(self) -> None:
         """Uninstall every hook the wrapper put on the model (statistics, running-statistics freeze);
-        idempotent. Projection still works; :meth:`collect` then refuses (build a new wrapper to collect).
+        idempotent. Projection still works; running statistics are no longer held; :meth:`collect` then
+        refuses (build a new wrapper to collect).
 
         Example:
             >>> model = torch.nn.Linear(3, 2)
@@ -331,7 +333,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         group_of = {id(p): gi for gi, g in enumerate(self.base.param_groups) for p in g["params"]}
         self._split_groups = {b.name for b in self.blocks
                               if b.bias is not None and group_of.get(id(b.bias)) != group_of.get(id(b.weight))}
-        self._hooks.replace(self.blocks, self._gate)
+        if not self._hooks_removed:
+            self._hooks.replace(self.blocks, self._gate)
         self._live_views.clear()
         if self.tasks_seen > 0:  # add_param_group after a task boundary
             self._refit_after_rebuild()
@@ -408,7 +411,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise RuntimeError("collect() is already open")
         if not (0.0 < row_fraction <= 1.0):
             raise ValueError(f"row_fraction must lie in (0, 1], got {row_fraction!r}")
-        if getattr(self, "_hooks_removed", False):
+        if self._hooks_removed:
             raise RuntimeError("collect(): the hooks were removed (remove_hooks()); build a new wrapper to collect")
         self._check_same_parameters()
         self._follow_model_dtype()

@@ -148,6 +148,8 @@ def test_collect_after_remove_hooks_refuses_and_removal_is_idempotent():
     with pytest.raises(RuntimeError, match="remove_hooks"):
         with opt.collect():
             pass
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))]})
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
 
 
 def test_torch_save_and_deepcopy_with_the_running_stats_freeze_installed():

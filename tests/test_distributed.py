@@ -294,3 +294,14 @@ def test_fsdp1_fsdp2_and_dtensor_parameters_are_refused_ddp_and_plain_pass(singl
     assert not any(is_sharded_parameter(p) for p in plain.parameters())
     with pytest.raises(TypeError, match="nn.Module"):
         check_model_supported("not a model")  # type: ignore[arg-type]
+
+
+def test_token_counts_are_synchronised_like_covariances(single_rank_group):
+    """An embedding block's counts go through all_reduce with sync=True (one rank: the sum is itself)."""
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Linear(3, 2)).double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, rho=0.0, sync=True)
+    with opt.collect(), torch.no_grad():
+        model(torch.tensor([1, 1, 4]))
+    opt.end_task()
+    assert opt.blocks[0].stat.memory.tolist() == [0.0, 2 / 3, 0.0, 0.0, 1 / 3, 0.0]
+    assert opt.projectors["0"].kept_ranks == [2]
