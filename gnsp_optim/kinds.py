@@ -25,9 +25,12 @@ kind                       weight as ``(G, rows, d)``                   input ro
 =========================  ===========================================  =====================================
 
 A new kind is one small class: ``matches(module)``, ``discover(...)`` returning its blocks, and
-``observe(block, call)``; list it in :data:`LAYER_KINDS`. A kind whose statistic is not a Gram matrix also
-says how its projector is built (:meth:`LayerKind.projector`) and what its memory looks like
-(:meth:`LayerKind.memory_shape`): :class:`Embedding` keeps token counts and builds a row mask.
+``observe(block, call)``; list it in :data:`LAYER_KINDS` (before a kind it specialises). Two worked examples
+in this file: transformers' ``Conv1D`` (weight stored ``(in, out)``, ``y = x @ W + b``) is :class:`Linear`
+with ``transposed=True``, matched by class name so transformers is never imported; :class:`Embedding`
+(``one_hot(ids) @ W``, ``d = num_embeddings``) shows a kind whose statistic is not a Gram matrix: it also says
+how its projector is built (:meth:`LayerKind.projector`) and what its memory looks like
+(:meth:`LayerKind.memory_shape`): token counts and a row mask.
 
 A weight tied between an embedding and an output layer (GPT-2, tied LLaMA / Qwen) gets two blocks, one per
 use: the embedding's (rows, ``transposed``) and the head's (inputs); :func:`discover_blocks` keeps one block
