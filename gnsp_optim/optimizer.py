@@ -152,8 +152,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         outside_use: a protected parameter used outside the module whose hook records its input (e.g.
             ``F.linear(h, fc.weight)`` in a parent's forward) is detected during :meth:`collect` (a torch
             function mode sees every op): ``"warn"`` (default) names it, ``"raise"`` refuses the collection,
-            ``"ignore"`` skips the check (it costs a Python call per op during ``collect()``). Not checked for
-            ``torch.compile``d models: run one eager ``collect()`` to check one.
+            ``"ignore"`` skips the check. It watches the first call of the model in each ``collect()`` (a
+            Python call per op during that call only). Not checked for ``torch.compile``d models: run one
+            eager ``collect()`` to check one.
 
     The hooks stay on the model until :meth:`remove_hooks` (or the end of a ``with NullSpaceOptimizer(...) as
     opt:`` block, or the wrapper being garbage-collected). ``torch.save(model)`` and ``copy.deepcopy(model)``
@@ -727,7 +728,7 @@ def outside_use_watch(model: nn.Module, blocks: list[Block], policy: str) -> con
                 owners = inside.setdefault(pname[id(p)], [])
                 if mname[id(b.module)] not in owners:
                     owners.append(mname[id(b.module)])
-    return OutsideUseDetector(model, inside)
+    return OutsideUseDetector(model, inside, first_calls=1)  # the first model call runs the code path
 
 
 def report_outside_use(watch: Any, policy: str) -> None:

@@ -19,9 +19,10 @@ the wrapper's own hooks happen inside the owning module's call (forward hooks ru
 popped), so they are not reported.
 
 Cost: while open, every torch op pays one Python call plus a scan of its arguments (a few microseconds
-per op; a forward of many small ops can be several times slower). It is meant for the ``collect()`` pass, a
-no-grad pass over one task's data, not for training steps. Under ``torch.compile`` the mode causes graph
-breaks; open it on the eager model.
+per op; a forward of many small ops can be several times slower). ``first_calls=n`` bounds it: the mode
+leaves after the model's ``n``-th forward call has finished (outside uses are a property of the code path,
+which the first call of a collection already runs), so a long ``collect()`` pays it once. Under
+``torch.compile`` the mode causes graph breaks; open it on the eager model.
 
 Example:
     >>> import torch
@@ -72,6 +73,8 @@ class OutsideUseDetector(TorchFunctionMode):
         names: the protected parameter names (as ``model.named_parameters()`` spells them), or a mapping
             ``{name: [module names whose calls count as inside]}``.
         max_ops: how many distinct op names to keep per parameter.
+        first_calls: stop watching after this many completed calls of ``model`` itself (``None``: watch
+            until the ``with`` block ends). The mode leaves only when it is the innermost one.
 
     After the ``with`` block, ``outside`` maps each parameter used outside to the op names seen (in order of
     first use); :meth:`warn` emits one ``UserWarning`` naming them (what ``collect()`` will do once wired).
@@ -80,8 +83,9 @@ class OutsideUseDetector(TorchFunctionMode):
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str] | Mapping[str, Iterable[str]],
-                 max_ops: int = 4) -> None:
+                 max_ops: int = 4, first_calls: int | None = None) -> None:
         super().__init__()
+        self._model, self.first_calls, self._calls, self._active = model, first_calls, 0, False
         params = dict(model.named_parameters(remove_duplicate=False))
         modules = dict(model.named_modules(remove_duplicate=False))
         explicit = dict(names) if isinstance(names, Mapping) else None
@@ -127,9 +131,20 @@ class OutsideUseDetector(TorchFunctionMode):
         else:
             self._inside[id(mod)] = depth
 
+    def _root_done(self, *_: Any) -> None:
+        self._calls += 1
+        top = torch._C._len_torch_function_stack() - 1
+        if (self._active and self.first_calls is not None and self._calls >= self.first_calls and top >= 0
+                and torch._C._get_function_stack_at(top) is self):
+            super().__exit__(None, None, None)  # leave the mode now: the rest of the collection runs bare
+            self._active = False
+
     def __enter__(self) -> OutsideUseDetector:
         self.outside = {}
         self._inside.clear()
+        self._calls, self._active = 0, True
+        if self.first_calls is not None:
+            self._handles.append(self._model.register_forward_hook(self._root_done, always_call=True))
         for mod in self._owner_modules.values():
             self._handles.append(mod.register_forward_pre_hook(self._enter))
             # always_call: the depth is popped even when forward raises
@@ -138,7 +153,9 @@ class OutsideUseDetector(TorchFunctionMode):
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            super().__exit__(*exc)
+            if self._active:
+                super().__exit__(*exc)
+                self._active = False
         finally:
             for h in self._handles:
                 h.remove()

@@ -306,3 +306,15 @@ def test_parameters_replaced_by_a_conversion_are_refused_by_name():
     with pytest.raises(RuntimeError, match="'weight' was replaced"):
         with opt.collect():
             pass
+
+
+def test_outside_use_watch_leaves_after_the_first_model_call():
+    """The check runs during the model's first call of a collection only; it still names the use."""
+    model = Reuse()
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.warns(UserWarning, match=r"'fc\.weight' \(by linear\)"):
+        with opt.collect(), torch.no_grad():
+            assert torch._C._len_torch_function_stack() == 1
+            model(torch.randn(2, 4))
+            assert torch._C._len_torch_function_stack() == 0  # the mode left: later batches run bare
+            model(torch.randn(2, 4))
