@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 __all__ = ["input_rows", "RunningStatsFreeze", "running_stat_layers", "check_not_meta", "check_no_dora",
-           "is_hf_conv1d", "conv1d_read", "conv1d_write", "WeakHook", "release_with"]
+           "is_hf_conv1d", "conv1d_read", "conv1d_write", "WeakHook", "release_with", "to_float64_"]
 
 
 # ------------------------------------------------------------------------------------ layer inputs
@@ -274,3 +274,14 @@ def release_with(owner: Any, handles: list) -> weakref.finalize:
         hs.clear()
 
     return weakref.finalize(owner, remove)
+
+
+def to_float64_(stat: Any) -> None:
+    """Switch a covariance statistic (memory and open collection) to float64, exactly."""
+    if getattr(stat, "dtype", None) != torch.float32:
+        return  # token counts, or already float64
+    stat.dtype = torch.float64
+    for attr in ("memory", "task_sum"):
+        t = getattr(stat, attr, None)
+        if t is not None:
+            setattr(stat, attr, t.to(torch.float64))

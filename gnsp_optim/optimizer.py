@@ -36,13 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .boundary import RUNNING_STATS, RunningStatsFreeze, check_no_dora, check_not_meta
+from .boundary import RUNNING_STATS, RunningStatsFreeze, check_no_dora, check_not_meta, to_float64_
 from .checkpoint import FORMAT_VERSION, check_protection_state, pack_protection_state, restore_protection_state
 from .hooks import Gate, Hooks
 from .kinds import Block, FeatureSource, discover_blocks
+from .outside_use import report_outside_use, watch_outside_use
 from .projection import LINEAR_STATE_KEYS, project_gradients, project_moments, projected_change
 from .projector import Projector
-from .report import format_summary, report_rows
+from .report import format_summary, report_rows, warn_newly_full
 from .selection import clean_name, parameter_owners, select_blocks, unwrap_model
 from .sharding import check_model_supported
 from .statistics import NORMALIZE_MODES
@@ -419,7 +420,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         gen = torch.Generator().manual_seed(seed)
         for b in self.blocks:
             b.stat.row_fraction, b.stat.generator = float(row_fraction), gen
-        watch = outside_use_watch(self.model, self.blocks, self.outside_use)
+        watch = watch_outside_use(self.model, self.blocks, self.outside_use)
         self._gate.open = True
         try:
             with watch, self._recording_monitor_inputs():
@@ -707,59 +708,3 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         title = f"NullSpaceOptimizer: mode={self.mode}, rule={self.rule}, tasks seen={self.tasks_seen}"
         return format_summary(self.report(), title, self.frozen)
 
-
-def outside_use_watch(model: nn.Module, blocks: list[Block], policy: str) -> contextlib.AbstractContextManager:
-    """The outside-use detector for ``collect()``: each protected parameter (bare matmul weights excepted:
-    they are used outside their observed module by design) counts as inside the modules whose hooks record
-    its blocks; a null context with ``policy="ignore"``."""
-    if policy == "ignore":
-        return contextlib.nullcontext()
-    from .kinds import BareMatmul
-    from .outside_use import OutsideUseDetector
-
-    pname = {id(p): n for n, p in model.named_parameters()}
-    mname = {id(m): n for n, m in model.named_modules()}
-    inside: dict[str, list[str]] = {}
-    for b in blocks:
-        if isinstance(b.kind, BareMatmul) or id(b.module) not in mname:
-            continue
-        for _, p in b.params:
-            if id(p) in pname:
-                owners = inside.setdefault(pname[id(p)], [])
-                if mname[id(b.module)] not in owners:
-                    owners.append(mname[id(b.module)])
-    return OutsideUseDetector(model, inside, first_calls=1)  # the first model call runs the code path
-
-
-def report_outside_use(watch: Any, policy: str) -> None:
-    """After ``collect()``: name the protected parameters used outside their modules (warn or raise)."""
-    outside = getattr(watch, "outside", None)
-    if not outside:
-        return
-    if policy == "raise":
-        uses = ", ".join(f"{n!r} (by {', '.join(ops)})" for n, ops in outside.items())
-        raise RuntimeError(f"GNSP: protected parameter(s) used outside the module whose input is recorded: {uses}; "
-                           "the collection is kept (call discard_collection() to drop it)")
-    watch.warn(stacklevel=5)
-
-
-def to_float64_(stat: Any) -> None:
-    """Switch a covariance statistic (memory and open collection) to float64, exactly."""
-    if getattr(stat, "dtype", None) != torch.float32:
-        return  # token counts, or already float64
-    stat.dtype = torch.float64
-    for attr in ("memory", "task_sum"):
-        t = getattr(stat, attr, None)
-        if t is not None:
-            setattr(stat, attr, t.to(torch.float64))
-
-
-def warn_newly_full(blocks: list[Block], before: dict[str, Projector], after: dict[str, Projector]) -> None:
-    """One warning naming the blocks that became fully occupied (they saw input; unseen ones are named
-    already), with the way out."""
-    full = [b.name for b in blocks if b.stat.seen and after[b.name].is_zero
-            and not (b.name in before and before[b.name].is_zero)]
-    if full:
-        warnings.warn(f"GNSP: layer(s) {full} are fully occupied by earlier tasks' inputs (null dimension 0): they "
-                      "no longer train. Raise rho (e.g. rho=0.15 leaves the low-energy directions free) or give "
-                      "the layer a wider input (e.g. a larger LoRA rank r)", UserWarning, stacklevel=3)

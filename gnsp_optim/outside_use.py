@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -51,7 +52,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["OutsideUseDetector"]
+__all__ = ["OutsideUseDetector", "watch_outside_use", "report_outside_use"]
 
 #: Tensor methods that read metadata only: never a use of the values.
 METADATA = frozenset({"__get__", "size", "dim", "numel", "ndimension", "nelement", "is_floating_point",
@@ -184,3 +185,37 @@ class OutsideUseDetector(TorchFunctionMode):
                           f"{uses}. Those uses are not protected and their outputs can move; give the use its "
                           "own module, a FeatureSource, or leave the parameter unprotected", UserWarning,
                           stacklevel=stacklevel)
+
+
+def watch_outside_use(model: nn.Module, blocks: list, policy: str) -> contextlib.AbstractContextManager:
+    """The outside-use detector for ``collect()``: each protected parameter (bare matmul weights excepted:
+    they are used outside their observed module by design) counts as inside the modules whose hooks record
+    its blocks; a null context with ``policy="ignore"``."""
+    if policy == "ignore":
+        return contextlib.nullcontext()
+    from .kinds import BareMatmul
+
+    pname = {id(p): n for n, p in model.named_parameters()}
+    mname = {id(m): n for n, m in model.named_modules()}
+    inside: dict[str, list[str]] = {}
+    for b in blocks:
+        if isinstance(b.kind, BareMatmul) or id(b.module) not in mname:
+            continue
+        for _, p in b.params:
+            if id(p) in pname:
+                owners = inside.setdefault(pname[id(p)], [])
+                if mname[id(b.module)] not in owners:
+                    owners.append(mname[id(b.module)])
+    return OutsideUseDetector(model, inside, first_calls=1)  # the first model call runs the code path
+
+
+def report_outside_use(watch: Any, policy: str) -> None:
+    """After ``collect()``: name the protected parameters used outside their modules (warn or raise)."""
+    outside = getattr(watch, "outside", None)
+    if not outside:
+        return
+    if policy == "raise":
+        uses = ", ".join(f"{n!r} (by {', '.join(ops)})" for n, ops in outside.items())
+        raise RuntimeError(f"GNSP: protected parameter(s) used outside the module whose input is recorded: {uses}; "
+                           "the collection is kept (call discard_collection() to drop it)")
+    watch.warn(stacklevel=5)

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from .kinds import Block
 from .projector import Projector
 
-__all__ = ["report_rows", "null_mass", "format_summary"]
+__all__ = ["report_rows", "null_mass", "format_summary", "warn_newly_full"]
 
 
 def null_mass(proj: Projector) -> float | None:
@@ -75,3 +76,14 @@ def format_summary(rows: list[dict[str, Any]], title: str, frozen: list[str]) ->
     names = f" ({', '.join(frozen[:6])}{', ...' if len(frozen) > 6 else ''})" if frozen else ""
     lines.append(f"projectors: {total / 2**20:.2f} MB; frozen parameters: {len(frozen)}{names}")
     return "\n".join(lines)
+
+
+def warn_newly_full(blocks: list[Block], before: dict[str, Projector], after: dict[str, Projector]) -> None:
+    """One warning naming the blocks that became fully occupied (they saw input; unseen ones are named
+    already), with the way out."""
+    full = [b.name for b in blocks if b.stat.seen and after[b.name].is_zero
+            and not (b.name in before and before[b.name].is_zero)]
+    if full:
+        warnings.warn(f"GNSP: layer(s) {full} are fully occupied by earlier tasks' inputs (null dimension 0): they "
+                      "no longer train. Raise rho (e.g. rho=0.15 leaves the low-energy directions free) or give "
+                      "the layer a wider input (e.g. a larger LoRA rank r)", UserWarning, stacklevel=3)
