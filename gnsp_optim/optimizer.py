@@ -224,8 +224,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self._gate = Gate()  # open while collect() is
         self._hooks = Hooks()
         self._live_views: dict[tuple[str, bool, bool], tuple[Block, Projector]] = {}
-        self._monitor: Any = None
-        self._monitor_inputs: Any = None
+        self._protection_monitor: Any = None
+        self._protection_inputs: Any = None
         self._hooks_removed = False
         self._build_blocks()
         self._running_stats = RunningStatsFreeze(self.model, running_stats)
@@ -487,9 +487,9 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self._stacked.clear()
         self._live_views.clear()
         self._running_stats.snapshot()
-        if self._monitor is not None and self._monitor_inputs not in (None, ...):
-            self._monitor.add_task(self._monitor_inputs, name=f"task {self.tasks_seen}")
-            self._monitor_inputs = None
+        if self._protection_monitor is not None and self._protection_inputs not in (None, ...):
+            self._protection_monitor.add_task(self._protection_inputs, name=f"task {self.tasks_seen}")
+            self._protection_inputs = None
         if self.project_state:
             self._project_moments()
         if self.tasks_seen == 0 and self.uncovered == "freeze" and self._uncovered:
@@ -663,23 +663,24 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         """
         from .monitor import ProtectionMonitor
 
-        if self._monitor is None:
-            self._monitor = ProtectionMonitor(self.model, every=every, tol=tol, sample=sample, forward=forward)
-            self._monitor.attach(self)
+        if self._protection_monitor is None:
+            self._protection_monitor = ProtectionMonitor(self.model, every=every, tol=tol, sample=sample,
+                                                         forward=forward)
+            self._protection_monitor.attach(self)
         if inputs is not None:
-            self._monitor.add_task(inputs, name=f"task {max(self.tasks_seen - 1, 0)}")
+            self._protection_monitor.add_task(inputs, name=f"task {max(self.tasks_seen - 1, 0)}")
         else:
-            self._monitor_inputs = ...  # the next collect() records them
-        return self._monitor
+            self._protection_inputs = ...  # the next collect() records them
+        return self._protection_monitor
 
     @contextlib.contextmanager
     def _recording_monitor_inputs(self) -> Iterator[None]:
-        if self._monitor is None or self._monitor_inputs is not ...:
+        if self._protection_monitor is None or self._protection_inputs is not ...:
             yield
             return
         def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._monitor_inputs is ...:
-                self._monitor_inputs = dict(kwargs) if kwargs and not args else (args[0] if len(args) == 1
+            if self._protection_inputs is ...:
+                self._protection_inputs = dict(kwargs) if kwargs and not args else (args[0] if len(args) == 1
                                                                                   else tuple(args))
         handle = self.model.register_forward_pre_hook(record, with_kwargs=True)
         try:
