@@ -124,6 +124,12 @@ def each_block(named: dict[str, torch.Tensor], fn, projs, get=lambda t: t) -> No
         fn(projs[name], block, get(named[wname]), None if bname is None else get(named[bname]))
 
 
+def sketch_rows(rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(20 + rank)
+    scale = torch.arange(1, 11, dtype=F64) ** -1.0
+    return torch.randn((37, 23)[rank], 10, generator=g, dtype=F64) * scale
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -233,8 +239,18 @@ def _worker(rank: int, tmp: str) -> None:
             layout["column_shard_error"] = None
         except NotImplementedError as err:
             layout["column_shard_error"] = str(err)
+
+        # a bounded-memory sketch merges across ranks (all_gather, stack, shrink): identical on every rank
+        from gnsp_optim.sketch import SketchStat
+
+        sketch = SketchStat("fc", 10, 4, dtype=F64)
+        sketch.update(sketch_rows(rank))
+        sketch.all_reduce_()
+        sketch.fold()
+        sketch_out = {"memory": sketch.dense_memory(True)[0], "delta": float(sketch.memory_delta[0]),
+                      "total": float(sketch.spectrum(True).total[0])}
         torch.save({"diffs": diffs, "moved": moved, "layout": layout, "plain_state_dict": plain,
-                    "forms": {n: p.form for n, p in projs.items()}}, f"{tmp}/rank{rank}.pt")
+                    "forms": {n: p.form for n, p in projs.items()}, "sketch": sketch_out}, f"{tmp}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -272,6 +288,18 @@ def test_the_cases_that_need_care_really_occur(results):
 def test_two_ranks_equal_one_process(results, what):
     for r in results:
         assert r["diffs"][what] < 1e-9, (what, r["diffs"])
+
+
+def test_sketch_all_reduce_merges_ranks_within_the_guarantee(results):
+    s0, s1 = results[0]["sketch"], results[1]["sketch"]
+    assert torch.equal(s0["memory"], s1["memory"]) and s0["delta"] == s1["delta"]
+    rows = torch.cat([sketch_rows(0), sketch_rows(1)])
+    aug = torch.cat([rows, torch.ones(len(rows), 1, dtype=F64)], 1)
+    exact = aug.T @ aug / len(rows)
+    lam = torch.linalg.eigvalsh(exact - s0["memory"])
+    assert float(lam[0]) > -1e-12 and float(lam[-1]) <= s0["delta"] + 1e-12
+    assert s0["delta"] > 0  # something was shrunk: the merge was not trivially exact
+    assert s0["total"] == pytest.approx(float(torch.trace(exact)), rel=1e-12)
 
 
 def test_the_projection_changed_the_gradients(results):
