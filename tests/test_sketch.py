@@ -247,3 +247,19 @@ def test_sketch_accepts_bf16_rows_and_matches_float32_rows():
     a.fold()
     b.fold()
     assert torch.allclose(a.dense_memory(True), b.dense_memory(True), atol=1e-5)
+
+
+@given(st.integers(1, 8), st.integers(1, 12), st.integers(1, 14), st.integers(1, 3), st.integers(0, 1000))
+def test_fd_shrink_gram_route_equals_svd_route(rank, m, dim, groups, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(groups, m, dim, generator=gen, dtype=F64)
+    if seed % 3 == 0 and m > 1:
+        rows[:, -1] = rows[:, 0]  # a repeated row: a zero singular value among the rows
+    outs = {method: fd_shrink(rows, rank, method=method) for method in ("gram", "svd")}
+    (bg, dg), (bs, ds) = outs["gram"], outs["svd"]
+    assert torch.allclose(bg.transpose(1, 2) @ bg, bs.transpose(1, 2) @ bs, atol=1e-9)
+    assert torch.allclose(dg, ds, atol=1e-9)
+    if m <= dim:
+        assert bg.shape[1] == bs.shape[1]
+    with pytest.raises(ValueError, match="method"):
+        fd_shrink(rows, rank, method="qr")
