@@ -9,8 +9,9 @@ quality against the exact statistic ``C``:
 
 - ``leak``: share of ``C``'s mass outside the kept subspace (the exact projector's leak is <= rho by
   construction);
-- ``drift``: relative change of old outputs under a random update ``G`` after projection,
-  ``sqrt(tr(G_p C G_p^T) / tr(G C G^T))`` (``G_p`` projected; 1 would be no protection);
+- ``drift``: relative change of old outputs under a random update ``G`` (256 Gaussian rows, the same ``G``
+  for both projectors) after projection, ``sqrt(tr(G_p C G_p^T) / tr(G C G^T))`` (``G_p`` projected; 1
+  would be no protection; for an isotropic ``G`` its square estimates the leak);
 - ``||C - B^T B||_2`` (power iteration on the PSD difference) next to the sketch's certificate ``Delta`` and
   the a-priori bound ``||A - A_k||_F^2 / (rank+1-k)`` at ``k = rank/2``.
 
@@ -79,13 +80,13 @@ def kept_basis(proj: Projector) -> torch.Tensor:
     return q[:, b.shape[1]:]
 
 
-def leak_and_drift(c: torch.Tensor, u: torch.Tensor, gen: torch.Generator) -> tuple[float, float]:
-    """Share of ``c``'s mass outside span(u), and the relative old-output drift of a projected random update."""
+def leak_and_drift(c: torch.Tensor, u: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
+    """Share of ``c``'s mass outside span(u), and the relative old-output drift of the random update ``g``
+    (rows x D) after projection (the same ``g`` for every projector compared: a paired comparison)."""
     c = c.double()
     u = u.double()
     total = float(torch.trace(c))
     inside = float((u * (c @ u)).sum())
-    g = torch.randn(64, c.shape[0], generator=gen, dtype=torch.float64)
     gp = g - (g @ u) @ u.T
     drift = math.sqrt(float((gp * (gp @ c)).sum()) / float((g * (g @ c)).sum()))
     return 1.0 - inside / total, drift
@@ -159,8 +160,9 @@ def part1(args) -> None:
             u_exact = vec_top[:, :k_exact]
             t_end_exact = float("nan")
             tag = "*" if len(hit) else "*>="
-        leak_e, drift_e = leak_and_drift(c, u_exact, gen)
-        leak_s, drift_s = leak_and_drift(c, kept_basis(proj_s), gen)
+        g = torch.randn(256, d + 1, generator=gen, dtype=torch.float64)
+        leak_e, drift_e = leak_and_drift(c, u_exact, g)
+        leak_s, drift_s = leak_and_drift(c, kept_basis(proj_s), g)
         err = spectral_norm_psd((c - sketch.dense_memory(True)[0]).double(), gen)
         bound = float(sketch.error_bound(args.rank // 2)[0])
         delta = float(sketch.memory_delta[0])
@@ -200,8 +202,8 @@ def part2(args) -> None:
         c = full.memory[0]
         lam, vec = eigh_descending(full.memory, "full")
         u_full = vec[0, :, : int(rule(lam[0]))]
-        gen = torch.Generator().manual_seed(seed)
-        leak_f, drift_f = leak_and_drift(c, u_full, gen)
+        g = torch.randn(256, d + 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        leak_f, drift_f = leak_and_drift(c, u_full, g)
         for criterion in results:
             st = CovarianceStat("early", d, dtype=torch.float64)
             mon = ConvergenceMonitor({"fc": st}, every=args.every, tol=args.tol, patience=2,
@@ -219,7 +221,7 @@ def part2(args) -> None:
             st.fold()
             lam_e, vec_e = eigh_descending(st.memory, "early")
             u_e = vec_e[0, :, : int(rule(lam_e[0]))]
-            leak_e, drift_e = leak_and_drift(c, u_e, gen)
+            leak_e, drift_e = leak_and_drift(c, u_e, g)
             results[criterion].append([mon.samples / (len(batches) * args.conv_batch), t_check / t_full,
                                        leak_e, leak_f, drift_e, drift_f, float(mon.converged)])
     log(f"{'criterion':>10} {'samples used':>14} {'checks / full':>14} {'leak stop':>16} {'leak full':>16} "

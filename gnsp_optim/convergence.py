@@ -138,6 +138,9 @@ class ConvergenceMonitor:
         probes: random directions of the ``"covariance"`` estimate.
         min_samples: never stop before this many samples.
         seed: seeds the probe directions.
+        sync: take the largest change over all ``torch.distributed`` ranks at each check (one scalar
+            all-reduce every ``every`` batches) so every rank stops at the same batch; ``None``: when a process
+            group with more than one rank is initialised. Every rank must then call :meth:`update` equally often.
 
     Example:
         >>> from gnsp_optim.statistics import CovarianceStat
@@ -148,7 +151,7 @@ class ConvergenceMonitor:
 
     def __init__(self, stats: Mapping[str, Any], *, every: int = 10, tol: float = 0.02, patience: int = 2,
                  criterion: str = "subspace", rule: RankRule | None = None, probes: int = 16,
-                 min_samples: int = 0, seed: int = 0) -> None:
+                 min_samples: int = 0, seed: int = 0, sync: bool | None = None) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
         for name, value in (("every", every), ("patience", patience), ("probes", probes)):
@@ -161,7 +164,7 @@ class ConvergenceMonitor:
         self.stats = dict(stats)
         self.every, self.tol, self.patience, self.criterion = every, float(tol), patience, criterion
         self.rule = rule if rule is not None else TailEnergy(0.15)
-        self.probes, self.min_samples = probes, int(min_samples)
+        self.probes, self.min_samples, self.sync = probes, int(min_samples), sync
         self.generator = torch.Generator().manual_seed(seed)
         self.batches = 0
         self.samples = 0
@@ -180,12 +183,25 @@ class ConvergenceMonitor:
         if self.batches % self.every:
             return False
         change, worst = self._check()
+        change = self._synced(change)
         quiet = change is not None and change <= self.tol
         self.quiet = self.quiet + 1 if quiet else 0
         self.converged = self.quiet >= self.patience and self.samples >= self.min_samples
         self.history.append({"batches": self.batches, "samples": self.samples, "change": change,
                              "layer": worst, "converged": self.converged})
         return self.converged
+
+    def _synced(self, change: float | None) -> float | None:
+        import torch.distributed as dist
+
+        sync = self.sync
+        if sync is None:
+            sync = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not sync:
+            return change
+        t = torch.tensor([float("inf") if change is None else change], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return None if t.item() == float("inf") else t.item()
 
     def _check(self) -> tuple[float | None, str | None]:
         changes: dict[str, float] = {}

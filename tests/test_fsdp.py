@@ -247,6 +247,23 @@ def _worker(rank: int, tmp: str) -> None:
         sketch.update(sketch_rows(rank))
         sketch.all_reduce_()
         sketch.fold()
+        # the converging pass under several ranks: each rank its own stream, one decision for all
+        from gnsp_optim.convergence import ConvergenceMonitor
+        from gnsp_optim.statistics import CovarianceStat
+
+        conv_stat = CovarianceStat("fc", 40, dtype=F64)
+        monitor = ConvergenceMonitor({"fc": conv_stat}, every=2, tol=0.05, patience=2)
+        g = torch.Generator().manual_seed(40 + rank)
+        basis = torch.randn(3, 40, generator=g, dtype=F64)
+        for t in range(200):
+            extra = (torch.randn(16, 1, generator=g, dtype=F64) * 20 * torch.eye(40, dtype=F64)[t][None]
+                     if rank == 1 and t < 30 else torch.zeros(0, 40, dtype=F64))  # rank 1: a new direction each
+            # batch until batch 30
+            conv_stat.update(torch.cat([torch.randn(16, 3, generator=g, dtype=F64) @ basis, extra]))
+            if monitor.update(samples=16):
+                break
+        layout["converged_at"] = (monitor.batches, monitor.converged)
+
         sketch_out = {"memory": sketch.dense_memory(True)[0], "delta": float(sketch.memory_delta[0]),
                       "total": float(sketch.spectrum(True).total[0])}
         torch.save({"diffs": diffs, "moved": moved, "layout": layout, "plain_state_dict": plain,
@@ -300,6 +317,11 @@ def test_sketch_all_reduce_merges_ranks_within_the_guarantee(results):
     assert float(lam[0]) > -1e-12 and float(lam[-1]) <= s0["delta"] + 1e-12
     assert s0["delta"] > 0  # something was shrunk: the merge was not trivially exact
     assert s0["total"] == pytest.approx(float(torch.trace(exact)), rel=1e-12)
+
+
+def test_ranks_stop_the_statistics_pass_together(results):
+    (b0, c0), (b1, c1) = results[0]["layout"]["converged_at"], results[1]["layout"]["converged_at"]
+    assert c0 and c1 and b0 == b1 >= 30  # rank 0's stream alone was stationary from the start
 
 
 def test_the_projection_changed_the_gradients(results):
