@@ -31,6 +31,13 @@ directions it does not hold, so :class:`~gnsp_optim.subspace.TailEnergy` sees th
 tail (any spread gives the same tail sums); rules that read single eigenvalues
 (:class:`~gnsp_optim.subspace.RelativeEigenvalue`) see an estimate.
 
+**The tail-energy rule stays safe.** Since ``B^T B <= A^T A``, the sketch's tail after ``k`` directions,
+``total - sum_{i<=k} lambda_i(B^T B)``, is never below the exact tail, so ``TailEnergy(rho)`` on the sketch
+keeps at least as many directions as on the exact memory, and its kept basis ``U`` leaks at most ``rho`` of
+the *exact* memory's mass: ``tr(U^T A^T A U) >= tr(U^T B^T B U) >= (1 - rho) total``. The only exception is a
+*saturated* group (the rule wanted more than ``rank`` directions; :meth:`SketchSpectrum.ranks` flags it):
+raise ``rank`` there. Both promises are property tests.
+
 Normalisation as in :mod:`gnsp_optim.statistics`: ``"mean"`` divides a task's rows by ``sqrt(n)`` (exact,
 from the row count); ``"sum"`` keeps them; ``"frobenius"`` scales each batch by ``||X^T X||_F^{-1/2}``
 (computed exactly, ``O(n^2 d)`` without a ``d x d`` matrix; this mode upcasts each batch once) and the

@@ -263,3 +263,20 @@ def test_fd_shrink_gram_route_equals_svd_route(rank, m, dim, groups, seed):
         assert bg.shape[1] == bs.shape[1]
     with pytest.raises(ValueError, match="method"):
         fd_shrink(rows, rank, method="qr")
+
+
+@given(streams, st.floats(0.01, 0.6))
+def test_tail_energy_on_the_sketch_is_conservative_and_leaks_at_most_rho_of_the_exact_memory(case, rho):
+    sk, tasks = build(case)
+    exact = exact_memory(tasks, case["normalize"], sk.task_scales if case["normalize"] == "frobenius" else None)
+    lam, vec = eigh_descending(exact, "exact")
+    k_exact = TailEnergy(rho)(lam)
+    spec = sk.spectrum(with_bias=True)
+    (k_sketch,), (saturated,) = spec.ranks(TailEnergy(rho))
+    if saturated:
+        assert k_sketch == spec.eigenvalues.shape[-1]
+        return
+    assert k_sketch >= k_exact
+    u = spec.vectors[0, :, :k_sketch]
+    leak = 1.0 - float(torch.trace(u.T @ exact @ u) / torch.trace(exact))
+    assert leak <= rho + 1e-9
