@@ -27,7 +27,7 @@ projector's own.
 Usage::
 
     python benchmarks/statistics_memory.py                       # the default run (~10 min on 2 shared cores)
-    python benchmarks/statistics_memory.py --widths 768 --samples 2048 --seeds 2     # a quick look
+    python benchmarks/statistics_memory.py --widths 768 --samples 2048 --seeds 2 --alphas 1.5     # a quick look
     python benchmarks/statistics_memory.py --time-eigh 11008      # one float32 eigh at that width
 """
 
@@ -241,9 +241,10 @@ def part2(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--widths", type=int, nargs="+", default=[768, 3072, 4096, 11008])
-    p.add_argument("--samples", type=int, default=4096)
+    p.add_argument("--samples", type=int, default=8192)
     p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--alpha", type=float, default=1.5)
+    p.add_argument("--alphas", type=float, nargs="+", default=[1.5, 1.0],
+                   help="power-law exponents of Part 1 (Part 2 uses the first)")
     p.add_argument("--rho", type=float, default=0.15)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--topk", type=int, default=192)
@@ -262,6 +263,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    args.alpha = args.alphas[0]
     if args.time_eigh:
         x = PowerLawStream(args.time_eigh, args.alpha, seed=0).batch(args.samples)
         c = x.T @ x / len(x)
@@ -270,7 +272,10 @@ def main() -> None:
         log(f"float32 eigh, width {args.time_eigh}: {time.perf_counter() - t0:.1f} s ({args.threads} threads)")
         return
     if not args.skip_part1:
-        part1(args)
+        for alpha in args.alphas:
+            args.alpha = alpha
+            part1(args)
+        args.alpha = args.alphas[0]
     if not args.skip_part2:
         part2(args)
     log(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
