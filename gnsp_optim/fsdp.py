@@ -140,48 +140,60 @@ def project_rows_sharded_(proj: Projector, weight: torch.Tensor, bias: torch.Ten
         raise ValueError(f"{name}: projector of dimension {proj.dim} cannot act on {d_w} inputs"
                          f"{'' if bias is None else ' plus a bias'}")
     off = 0 if bias_rows is None else bias_rows.start
-    local_b = gathered = None
-    if bias is not None:
-        local_b, c, e, _ = row_shard(bias, f"{name} (bias)")
-        aligned = (c, e) == (a + off, b + off) or not is_dtensor(bias)
-        if aligned and not is_dtensor(bias):
-            local_b = bias[a + off: b + off]  # plain bias next to a sharded weight: its matching entries
-        if not aligned:
-            gathered = bias.full_tensor().clone()  # ``3e`` numbers; every rank projects its own rows' entries
-            local_b = gathered[a + off: b + off]
-    for g in range(max(a // per, 0), groups):
+    local_b, gathered = _bias_of_rows(bias, a + off, b + off, name)
+    for g in range(a // per, min(groups, -(-b // per))):  # the groups this rank's rows [a, b) touch
         lo, hi = max(a, g * per), min(b, (g + 1) * per)
-        if lo >= hi:
-            if g * per >= b:
-                break
-            continue
         seg_w = wm[lo - a: hi - a].unsqueeze(0)
         seg_b = None if local_b is None else local_b[lo - a: hi - a].reshape(1, -1, 1)
         _group_projector(proj, g).apply_(seg_w, seg_b)
     if gathered is not None:
-        import torch.distributed as dist
-
-        if pg is None:  # a whole weight next to a sharded bias: this rank projected every row itself
-            new = gathered
-        else:
-            new = torch.zeros_like(gathered)
-            new[a + off: b + off] = local_b  # the entries of the rows this rank holds (the rows partition)
-            dist.all_reduce(new, group=pg)
-        mine_b, c, e, _ = row_shard(bias, f"{name} (bias)")
-        lo, hi = max(c, off), min(e, off + rows_total)
-        if lo < hi:
-            mine_b[lo - c: hi - c] = new[lo:hi]
+        _write_gathered_bias(bias, gathered, local_b, (a + off, b + off), (off, off + rows_total), pg, name)
     if not wm.data_ptr() == local_w.data_ptr():  # pragma: no cover - non-contiguous local shard
         local_w.copy_(wm.view_as(local_w))
 
 
-@torch.no_grad()
-def project_left_sharded_(proj: Projector, weight: torch.Tensor, name: str = "weight") -> None:
-    r"""Project a left-multiplied weight (``y = x @ W``, ``W`` is ``d x out``) in place: ``W <- P W``.
+def _bias_of_rows(bias: torch.Tensor | None, start: int, stop: int,
+                  name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(the bias entries of weight rows [start, stop) as a writable view, the gathered bias or None)``."""
+    if bias is None:
+        return None, None
+    if not is_dtensor(bias):
+        return bias[start:stop], None  # a plain bias next to a (sharded) weight: its matching entries
+    local_b, c, e, _ = row_shard(bias, f"{name} (bias)")
+    if (c, e) == (start, stop):
+        return local_b, None  # split like the weight: local
+    gathered = bias.full_tensor().clone()  # ``3e`` numbers; every rank projects its own rows' entries
+    return gathered[start:stop], gathered
 
-    ``weight`` is row-sharded on its input dimension (or plain). ``proj`` has one group and no bias
-    (``proj.dim == d``). Communication: one all-reduce of the ``r x out`` matrix ``B^T W`` (``B``: the stored
-    basis, ``r`` its width), over the shard dimension's process group.
+
+def _write_gathered_bias(bias: torch.Tensor, gathered: torch.Tensor, projected: torch.Tensor,
+                         mine: tuple[int, int], owned: tuple[int, int], pg, name: str) -> None:
+    """Sum every rank's projected entries (``mine``: this rank's) into place, then write the part of
+    ``owned`` (the block's entries) that this rank's bias shard holds."""
+    import torch.distributed as dist
+
+    if pg is None:  # a whole weight next to a sharded bias: this rank projected every row itself
+        new = gathered
+    else:
+        new = torch.zeros_like(gathered)
+        new[mine[0]: mine[1]] = projected  # the entries of the rows this rank holds (the rows partition)
+        dist.all_reduce(new, group=pg)
+    mine_b, c, e, _ = row_shard(bias, f"{name} (bias)")
+    lo, hi = max(c, owned[0]), min(e, owned[1])
+    if lo < hi:
+        mine_b[lo - c: hi - c] = new[lo:hi]
+
+
+@torch.no_grad()
+def project_left_sharded_(proj: Projector, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          name: str = "weight") -> None:
+    r"""Project a left-multiplied weight (``y = x @ W [+ b]``, ``W`` is ``d x out``) in place: ``[W; b] <- P [W; b]``.
+
+    ``weight`` is row-sharded on its input dimension (or plain). ``proj`` has one group and acts on the ``d``
+    inputs plus, when ``bias`` is given (transformers' ``Conv1D``), the constant-1 input whose weight row is
+    the bias (``proj.dim == d + 1``). Communication: one all-reduce of the ``r x out`` matrix ``B^T W`` (``B``:
+    the stored basis, ``r`` its width) over the shard dimension's process group, plus a gather of the bias
+    (``out`` numbers) when it is sharded.
 
     Example:
         >>> from gnsp_optim.projector import Projector
@@ -192,16 +204,28 @@ def project_left_sharded_(proj: Projector, weight: torch.Tensor, name: str = "we
         [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
     """
     local, a, b, pg = row_shard(weight, name)
-    if proj.basis.shape[0] != 1 or proj.dim != weight.shape[0]:
-        raise ValueError(f"{name}: a left-multiplied weight of {weight.shape[0]} input rows needs a one-group "
-                         f"projector of dimension {weight.shape[0]}, got {tuple(proj.basis.shape)}")
-    basis = proj.basis[0, a:b].to(local.dtype)  # (local rows, r)
+    d = weight.shape[0]
+    if proj.basis.shape[0] != 1 or proj.dim != d + (bias is not None):
+        raise ValueError(f"{name}: a left-multiplied weight of {d} input rows"
+                         f"{'' if bias is None else ' and a bias'} needs a one-group projector of dimension "
+                         f"{d + (bias is not None)}, got {tuple(proj.basis.shape)}")
+    full = proj.basis[0].to(local.dtype)  # (D, r)
+    basis = full[a:b]  # this rank's input rows
     coef = basis.T @ local  # partial B^T W over this rank's rows: (r, out)
     if pg is not None:
         import torch.distributed as dist
 
         dist.all_reduce(coef, group=pg)
-    if proj.form == "kept":
+    full_b = None
+    if bias is not None:
+        full_b = (bias.full_tensor() if is_dtensor(bias) else bias).to(local.dtype)
+        coef = coef + full[d:].T @ full_b[None]  # the bias row's share, the same on every rank
+    kept = proj.form == "kept"
+    if kept:
         local.sub_(basis @ coef)
     else:
         local.copy_(basis @ coef)
+    if bias is not None:
+        new_b = (full_b - full[d] @ coef) if kept else full[d] @ coef
+        local_b, c, e, _ = row_shard(bias, f"{name} (bias)")
+        local_b.copy_(new_b[c:e])

@@ -53,7 +53,7 @@ __all__ = ["FeatureSource", "Block", "LayerKind", "Linear", "Conv", "MultiheadAt
            "AttentionRowProj", "AttentionOutProj", "BareMatmul", "Call", "LAYER_KINDS", "discover_blocks",
            "conv_patches", "attention_heads", "flat_rows"]
 
-#: ``make_stat(name, dim, groups) -> CovarianceStat`` (dtype and normalisation fixed by the optimizer)
+#: ``make_stat(name, dim, groups) -> statistic`` (a CovarianceStat, or a SketchStat: the same life cycle)
 StatFactory = Callable[[str, int, int], CovarianceStat]
 
 
@@ -302,16 +302,28 @@ def attention_heads(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
     """
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     out_w = module.out_proj.weight
-    swap = {"out_proj.weight": torch.eye(module.embed_dim, dtype=out_w.dtype, device=out_w.device)}
+    swap = {"inner.out_proj.weight": torch.eye(module.embed_dim, dtype=out_w.dtype, device=out_w.device)}
     if module.out_proj.bias is not None:
-        swap["out_proj.bias"] = torch.zeros_like(module.out_proj.bias)
+        swap["inner.out_proj.bias"] = torch.zeros_like(module.out_proj.bias)
     bound.arguments["need_weights"] = False
     _RECOMPUTING.add(id(module))
     try:
         with torch.no_grad():
-            return torch.func.functional_call(module, swap, bound.args, bound.kwargs)[0]
+            return torch.func.functional_call(_Replay(module), swap, bound.args, bound.kwargs)[0]
     finally:
         _RECOMPUTING.discard(id(module))
+
+
+class _Replay(nn.Module):
+    """Calls ``inner.forward`` directly, so the replay runs none of ``inner``'s hooks (FSDP2's pre-forward
+    unshard / post-forward reshard would run a second time inside the first call's hook)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.forward(*args, **kwargs)
 
 
 class AttentionInProj(LayerKind):
@@ -408,12 +420,15 @@ LAYER_KINDS: tuple[LayerKind, ...] = (Linear(), Conv(), MultiheadAttention())
 
 def discover_blocks(model: nn.Module, feature_sources: dict[str, FeatureSource], *,
                     dtype: torch.dtype = torch.float32, normalize: str = "mean",
-                    kinds: tuple[LayerKind, ...] = LAYER_KINDS) -> list[Block]:
+                    kinds: tuple[LayerKind, ...] = LAYER_KINDS,
+                    stat_factory: StatFactory | None = None) -> list[Block]:
     """Every block the model offers: each module's blocks by its kind, plus the feature sources.
 
     A weight gets one block: the first discovered (a module before its children, so attention's own
     ``out_proj`` block wins over the plain ``Linear`` it is stored as, whose forward never runs); a feature
-    source replaces any block of its parameter. Statistics are created here, hooks are not (:mod:`.hooks`).
+    source replaces any block of its parameter. Statistics are created here, hooks are not (:mod:`.hooks`):
+    ``stat_factory(name, dim, groups)`` when given (e.g. a bounded :class:`~.sketch.SketchStat` for wide
+    inputs), else a :class:`~.statistics.CovarianceStat` of ``dtype`` and ``normalize``.
 
     Example:
         >>> [b.name for b in discover_blocks(torch.nn.Conv2d(3, 8, 3), {})]
@@ -421,6 +436,9 @@ def discover_blocks(model: nn.Module, feature_sources: dict[str, FeatureSource],
     """
     def make_stat(name: str, dim: int, groups: int) -> CovarianceStat:
         return CovarianceStat(name, dim, groups, dtype=dtype, normalize=normalize)
+
+    if stat_factory is not None:
+        make_stat = stat_factory
 
     blocks: list[Block] = []
     seen: set[int] = set()

@@ -68,7 +68,7 @@ import torch
 from .projector import Projector
 from .statistics import NORMALIZE_MODES
 
-__all__ = ["SketchStat", "SketchSpectrum", "SketchReference", "fd_shrink", "frobenius_of_gram"]
+__all__ = ["SketchStat", "SketchMemory", "SketchSpectrum", "SketchReference", "fd_shrink", "frobenius_of_gram"]
 
 
 def fd_shrink(rows: torch.Tensor, rank: int, method: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,18 +159,22 @@ class SketchSpectrum:
         fill = (self.tail.to(torch.float64) / max(rest, 1))[:, None].expand(g, rest)
         return torch.cat([lam, fill], dim=1)
 
-    def ranks(self, rule) -> tuple[list[int], list[bool]]:
-        """``rule`` applied to :meth:`padded`, capped at the sketch's width; also which groups hit the cap.
+    def ranks(self, rule, dtype: torch.dtype = torch.float64) -> tuple[list[int], list[bool]]:
+        """``rule`` applied to :meth:`padded` (in ``dtype``), capped at the sketch's width; also which groups hit
+        the cap.
 
         A capped (``saturated``) group wanted more directions than the sketch holds: raise ``rank``.
+        ``dtype``: the dtype the rule sees the eigenvalues in; ``TailEnergy(0)``'s round-off floor is that
+        dtype's (the optimizer passes the statistics' dtype, as the exact path's ``eigh`` does).
         """
-        spec = self.padded()
+        spec = self.padded().to(dtype)
         r = self.eigenvalues.shape[-1]
         want = [int(rule(spec[g])) for g in range(spec.shape[0])]
         return [min(k, r) for k in want], [k > r for k in want]
 
     def to_projector(self, rule, dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> Projector:
+                     device: torch.device | str | None = None,
+                     rule_dtype: torch.dtype = torch.float64) -> Projector:
         """The ``form="kept"`` projector of ``rule``'s occupied directions (basis ``(G, D, max k)``).
 
         Example:
@@ -179,7 +183,7 @@ class SketchSpectrum:
             >>> s.to_projector(TailEnergy(0.3)).kept_ranks
             [1]
         """
-        ranks, _ = self.ranks(rule)
+        ranks, _ = self.ranks(rule, rule_dtype)
         width = max(ranks, default=0)
         basis = self.vectors.new_zeros(self.vectors.shape[0], self.dim, width)
         for g, k in enumerate(ranks):
@@ -187,6 +191,43 @@ class SketchSpectrum:
         proj = Projector("kept", basis.to(device=device, dtype=dtype), ranks, self.dim)
         proj.eigenvalues = self.padded().cpu()
         return proj
+
+
+@dataclass
+class SketchMemory:
+    """A sketch memory: ``rows`` ``(G, <= rank, D)`` with ``rows^T rows ~`` the exact memory, its exact mass
+    ``(G, 2)`` (scaled ``sum ||x||^2``, scaled count), the certificate ``delta`` ``(G,)``; ``scale``: the
+    factor of the task that was merged last (None for a stored memory)."""
+
+    name: str
+    dim: int
+    rows: torch.Tensor
+    mass: torch.Tensor
+    delta: torch.Tensor
+    scale: torch.Tensor | None
+
+    def spectrum(self, with_bias: bool) -> SketchSpectrum:
+        """Eigenpairs of ``rows^T rows`` (descending) and the exact total mass, per group; ``with_bias=False``
+        restricts to the ``d`` weight inputs (drops the constant-1 column: the bound holds for that block too)."""
+        b = self.rows if with_bias else self.rows[:, :, : self.dim]
+        _, s, vh = torch.linalg.svd(b, full_matrices=False)
+        total = self.mass[:, 0] + (self.mass[:, 1] if with_bias else 0.0)
+        return SketchSpectrum(eigenvalues=(s**2).to(self.rows.dtype), vectors=vh.transpose(1, 2).contiguous(),
+                              total=total.clone(), dim=b.shape[-1])
+
+    def projector(self, rule, with_bias: bool, *, device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> Projector:
+        """The ``form="kept"`` projector of ``rule`` on this memory; warns naming the layer when a group is
+        saturated (the rule wanted more directions than the sketch holds: raise ``sketch_rank``)."""
+        import warnings
+
+        spec = self.spectrum(with_bias)
+        ranks, saturated = spec.ranks(rule, self.rows.dtype)
+        if any(saturated):
+            warnings.warn(f"GNSP: layer {self.name!r}: the rank rule wants more directions than the sketch's "
+                          f"{spec.eigenvalues.shape[-1]} rows hold; kept {ranks} per group, so the tail-energy "
+                          "promise does not hold there (raise sketch_rank)", stacklevel=4)
+        return spec.to_projector(rule, dtype=dtype, device=device, rule_dtype=self.rows.dtype)
 
 
 class SketchStat:
@@ -279,12 +320,7 @@ class SketchStat:
             scale = torch.ones(x.shape[0], dtype=self.dtype, device=x.device)
             if self.normalize == "frobenius":
                 scale = frobenius_of_gram(x.to(self.dtype)).clamp_min(torch.finfo(self.dtype).tiny).reciprocal()
-            sq = torch.stack([x[:, i:i + 4096].to(self.dtype).square().sum(dim=(1, 2))
-                              for i in range(0, n, 4096)]).sum(0)
-            for j, g in enumerate(groups):
-                self.task_mass[g, 0] += float(scale[j]) * float(sq[j])
-                self.task_mass[g, 1] += float(scale[j]) * n
-                self.group_counts[g] += n
+            self._add_mass(x, groups, scale)
             buf = self._buf(x.device)
             fills = {self.fill[g] for g in groups}
             if len(fills) == 1:  # all groups in step: one batched push
@@ -294,6 +330,16 @@ class SketchStat:
                     self._push(buf, [g], x[j:j + 1], scale[j:j + 1].sqrt(), chunk_rows)
         self.task_count += n
         self.task_batches += 1
+
+    def _add_mass(self, x: torch.Tensor, groups: list[int], scale: torch.Tensor) -> None:
+        """The exact (scaled) ``sum ||x||^2`` and row count per group, upcasting 4096 rows at a time."""
+        n = x.shape[1]
+        sq = torch.stack([x[:, i:i + 4096].to(self.dtype).square().sum(dim=(1, 2))
+                          for i in range(0, n, 4096)]).sum(0)
+        for j, g in enumerate(groups):
+            self.task_mass[g, 0] += float(scale[j]) * float(sq[j])
+            self.task_mass[g, 1] += float(scale[j]) * n
+            self.group_counts[g] += n
 
     def _push(self, buf: torch.Tensor, groups: list[int], x: torch.Tensor, row_scale: torch.Tensor,
               chunk_rows: int | None) -> None:
@@ -371,16 +417,31 @@ class SketchStat:
         rows = self._task_rows() * s.sqrt().to(self.buffer)[:, None, None]
         return rows, self.task_mass * s[:, None]
 
-    def fold(self) -> None:
-        """Merge the current collection into the memory of earlier tasks (stack, shrink) and clear it."""
+    def merged_memory(self) -> SketchMemory:
+        """The memory as it will be once the current collection is folded in (nothing changes)."""
+        rows, mass = self.task_contribution()
+        s = self._task_scale()
+        stacked = rows if self.memory is None else torch.cat([self.memory.to(rows), rows], dim=1)
+        merged, delta = fd_shrink(stacked, self.rank)
+        return SketchMemory(self.name, self.dim, merged, self.memory_mass + mass,
+                            self.memory_delta + self.task_delta * s + delta.to(torch.float64).cpu(), s)
+
+    def stored_memory(self) -> SketchMemory | None:
+        """The memory of the tasks folded so far (None before the first)."""
+        if self.memory is None:
+            return None
+        return SketchMemory(self.name, self.dim, self.memory, self.memory_mass, self.memory_delta, None)
+
+    def fold(self, merged: SketchMemory | None = None) -> None:
+        """Merge the current collection into the memory of earlier tasks (stack, shrink) and clear it.
+
+        ``merged``: :meth:`merged_memory`'s result when the caller already computed it (the optimizer builds
+        every projector before it changes any memory).
+        """
         if self.seen:
-            rows, mass = self.task_contribution()
-            s = self._task_scale()
-            stacked = rows if self.memory is None else torch.cat([self.memory.to(rows), rows], dim=1)
-            self.memory, delta = fd_shrink(stacked, self.rank)
-            self.memory_mass = self.memory_mass + mass
-            self.memory_delta = self.memory_delta + self.task_delta * s + delta.to(torch.float64).cpu()
-            self.task_scales.append(s)
+            m = self.merged_memory() if merged is None else merged
+            self.memory, self.memory_mass, self.memory_delta = m.rows, m.mass, m.delta
+            self.task_scales.append(m.scale)
             self.tasks_folded += 1
         self.clear_task()
 
@@ -391,13 +452,10 @@ class SketchStat:
         ``with_bias=False`` restricts to the ``d`` weight inputs (drops the constant-1 column: the bound holds
         for that principal block too).
         """
-        if self.memory is None:
+        mem = self.stored_memory()
+        if mem is None:
             raise ValueError(f"{self.name}: no task has been folded into this sketch yet")
-        b = self.memory if with_bias else self.memory[:, :, : self.dim]
-        _, s, vh = torch.linalg.svd(b, full_matrices=False)
-        total = self.memory_mass[:, 0] + (self.memory_mass[:, 1] if with_bias else 0.0)
-        return SketchSpectrum(eigenvalues=(s**2).to(self.dtype), vectors=vh.transpose(1, 2).contiguous(),
-                              total=total.clone(), dim=b.shape[-1])
+        return mem.spectrum(with_bias)
 
     def error_bound(self, k: int) -> torch.Tensor:
         r"""The a-priori bound ``||A - A_k||_F^2 / (rank + 1 - k)`` on ``||A^T A - B^T B||_2`` per group, using

@@ -122,7 +122,7 @@ def test_subspace_check_equals_its_dense_twin(d, every, seed, rho):
             snapshots.append(stat.task_sum[0].clone())
     changes = [h["change"] for h in mon.history]
     assert changes[0] is None
-    twins = [window_leak_reference(a, b, TailEnergy(rho)) for a, b in zip(snapshots, snapshots[1:])]
+    twins = [window_leak_reference(a, b, TailEnergy(rho)) for a, b in zip(snapshots[:-1], snapshots[1:], strict=True)]
     assert len(twins) == len(changes) - 1
     for got, want in zip(changes[1:], twins, strict=True):
         assert got == pytest.approx(want, abs=1e-9)

@@ -134,16 +134,149 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def _compare(diffs: dict, tag: str, sharded: dict, single: dict) -> None:
+    diffs[tag] = max(float((full(sharded[k]) - single[k]).abs().max()) for k in single)
+
+
+def _grad_checks(model, ref, projs, diffs: dict, moved: dict, layout: dict) -> None:
+    def compare(tag: str, sharded: dict, single: dict) -> None:
+        _compare(diffs, tag, sharded, single)
+
+    # gradients: identical inputs on both ranks, so FSDP2's averaged gradient is the single-process one
+    model(*inputs()).backward()
+    ref(*inputs()).backward()
+    sp = dict(model.named_parameters())
+    rp = dict(ref.named_parameters())
+    compare("grad_before", {k: p.grad for k, p in sp.items()}, {k: p.grad for k, p in rp.items()})
+    before = {k: p.grad.clone() for k, p in rp.items()}
+    for block in BLOCKS:  # where the shards cut (recorded to show the straddling cases happen)
+        _, wname, bname, *_ = block
+        layout[wname] = row_shard(sp[wname].grad)[1:3]
+        if bname:
+            layout[bname] = row_shard(sp[bname].grad)[1:3]
+    each_block(sp, project_sharded, projs, get=lambda p: p.grad)
+    each_block(rp, project_reference, projs, get=lambda p: p.grad)
+    compare("grad_projected", {k: p.grad for k, p in sp.items()}, {k: p.grad for k, p in rp.items()})
+    moved["grad"] = max(float((rp[k].grad - before[k]).abs().max()) for k in before)
+
+
+
+def _step_checks(model, ref, projs, diffs: dict) -> bool:
+    """Update mode, moment projection and full state dicts; returns whether the state dict is plain."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    sp, rp = dict(model.named_parameters()), dict(ref.named_parameters())
+
+    def compare(tag: str, sharded: dict, single: dict) -> None:
+        _compare(diffs, tag, sharded, single)
+
+    # update mode: snapshot, AdamW step, project the change, restore (the core's W <- W0 + P(W - W0))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
+    for params, o, fn in ((sp, opt, project_sharded), (rp, ropt, project_reference)):
+        snap = {k: p.detach().clone() for k, p in params.items()}
+        o.step()
+        with torch.no_grad():
+            for k, p in params.items():
+                p.sub_(snap[k])
+            each_block(params, fn, projs, get=lambda p: p.detach())
+            for k, p in params.items():
+                p.add_(snap[k])
+    compare("update_mode_params", sp, {k: p.detach() for k, p in rp.items()})
+
+    # moment projection: Adam's exp_avg is a DTensor sharded like its parameter
+    for params, o, fn in ((sp, opt, project_sharded), (rp, ropt, project_reference)):
+        state = {k: o.state[p]["exp_avg"] for k, p in params.items()}
+        each_block(state, fn, projs)
+    compare("exp_avg", {k: opt.state[p]["exp_avg"] for k, p in sp.items()},
+            {k: ropt.state[p]["exp_avg"] for k, p in rp.items()})
+
+    # checkpoints: full (gathered, plain-tensor) state dicts equal the single process's
+    options = StateDictOptions(full_state_dict=True)
+    msd = get_model_state_dict(model, options=options)
+    diffs["full_model_state_dict"] = max(float((msd[k] - v).abs().max()) for k, v in ref.state_dict().items())
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    diffs["full_optim_exp_avg"] = max(float((osd["state"][k]["exp_avg"] - ropt.state[p]["exp_avg"]).abs().max())
+                                      for k, p in rp.items())
+    plain = all(not hasattr(v, "full_tensor") for v in msd.values())
+
+    return plain
+
+
+def _statistics_checks(model, ref, rank: int, mesh, diffs: dict, layout: dict) -> None:
+    # statistics under FSDP2: the core's hooks (Linear / Conv / packed in_proj) on the sharded model, each
+    # rank its own batch, all-reduced; the single process sees both batches
+    from gnsp_optim.hooks import Gate, Hooks
+    from gnsp_optim.kinds import AttentionInProj, Conv, Linear, discover_blocks
+
+    def stats_of(net, batches):
+        blocks = [b for b in discover_blocks(net, {}, dtype=F64)
+                  if isinstance(b.kind, (Linear, Conv, AttentionInProj))]
+        hooks = Hooks.install(blocks, Gate(open=True))
+        with torch.no_grad():
+            for batch in batches:
+                net(*batch)
+        hooks.remove()
+        return {b.name: b.stat for b in blocks}
+
+    def shifted(i):
+        return tuple(t + i for t in inputs())
+
+    mine = stats_of(model, [shifted(rank)])
+    for stat in mine.values():
+        stat.all_reduce_()
+    single = stats_of(ref, [shifted(r) for r in range(WORLD)])
+    diffs["statistics_all_reduced"] = max(float((mine[k].task_sum - single[k].task_sum).abs().max())
+                                          for k in single)
+    layout["stat_layers"] = sorted(single)
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    try:  # column-sharded (tensor-parallel style): refused with the layer's name
+        row_shard(distribute_tensor(torch.zeros(4, 6, dtype=F64), mesh, [Shard(1)]), "tp.weight")
+        layout["column_shard_error"] = None
+    except NotImplementedError as err:
+        layout["column_shard_error"] = str(err)
+
+
+
+def _sketch_and_monitor(rank: int, layout: dict) -> dict:
+    # a bounded-memory sketch merges across ranks (all_gather, stack, shrink): identical on every rank
+    from gnsp_optim.sketch import SketchStat
+
+    sketch = SketchStat("fc", 10, 4, dtype=F64)
+    sketch.update(sketch_rows(rank))
+    sketch.all_reduce_()
+    sketch.fold()
+    # the converging pass under several ranks: each rank its own stream, one decision for all
+    from gnsp_optim.convergence import ConvergenceMonitor
+    from gnsp_optim.statistics import CovarianceStat
+
+    conv_stat = CovarianceStat("fc", 40, dtype=F64)
+    monitor = ConvergenceMonitor({"fc": conv_stat}, every=2, tol=0.05, patience=2)
+    g = torch.Generator().manual_seed(40 + rank)
+    basis = torch.randn(3, 40, generator=g, dtype=F64)
+    for t in range(200):
+        extra = (torch.randn(16, 1, generator=g, dtype=F64) * 20 * torch.eye(40, dtype=F64)[t][None]
+                 if rank == 1 and t < 30 else torch.zeros(0, 40, dtype=F64))  # rank 1: a new direction each
+        # batch until batch 30
+        conv_stat.update(torch.cat([torch.randn(16, 3, generator=g, dtype=F64) @ basis, extra]))
+        if monitor.update(samples=16):
+            break
+    layout["converged_at"] = (monitor.batches, monitor.converged)
+
+    return {"memory": sketch.dense_memory(True)[0], "delta": float(sketch.memory_delta[0]),
+            "total": float(sketch.spectrum(True).total[0])}
+
+
 def _worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -156,116 +289,11 @@ def _worker(rank: int, tmp: str) -> None:
         projs = projectors(dict(ref.named_parameters()))
         diffs: dict[str, float] = {}
         moved: dict[str, float] = {}
-        layout = {}
-
-        def compare(tag: str, sharded: dict, single: dict) -> None:
-            diffs[tag] = max(float((full(sharded[k]) - single[k]).abs().max()) for k in single)
-
-        # gradients: identical inputs on both ranks, so FSDP2's averaged gradient is the single-process one
-        model(*inputs()).backward()
-        ref(*inputs()).backward()
-        sp = dict(model.named_parameters())
-        rp = dict(ref.named_parameters())
-        compare("grad_before", {k: p.grad for k, p in sp.items()}, {k: p.grad for k, p in rp.items()})
-        before = {k: p.grad.clone() for k, p in rp.items()}
-        for block in BLOCKS:  # where the shards cut (recorded to show the straddling cases happen)
-            _, wname, bname, *_ = block
-            layout[wname] = row_shard(sp[wname].grad)[1:3]
-            if bname:
-                layout[bname] = row_shard(sp[bname].grad)[1:3]
-        each_block(sp, project_sharded, projs, get=lambda p: p.grad)
-        each_block(rp, project_reference, projs, get=lambda p: p.grad)
-        compare("grad_projected", {k: p.grad for k, p in sp.items()}, {k: p.grad for k, p in rp.items()})
-        moved["grad"] = max(float((rp[k].grad - before[k]).abs().max()) for k in before)
-
-        # update mode: snapshot, AdamW step, project the change, restore (the core's W <- W0 + P(W - W0))
-        opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-        ropt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.1)
-        for params, o, fn in ((sp, opt, project_sharded), (rp, ropt, project_reference)):
-            snap = {k: p.detach().clone() for k, p in params.items()}
-            o.step()
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.sub_(snap[k])
-                each_block(params, fn, projs, get=lambda p: p.detach())
-                for k, p in params.items():
-                    p.add_(snap[k])
-        compare("update_mode_params", sp, {k: p.detach() for k, p in rp.items()})
-
-        # moment projection: Adam's exp_avg is a DTensor sharded like its parameter
-        for params, o, fn in ((sp, opt, project_sharded), (rp, ropt, project_reference)):
-            state = {k: o.state[p]["exp_avg"] for k, p in params.items()}
-            each_block(state, fn, projs)
-        compare("exp_avg", {k: opt.state[p]["exp_avg"] for k, p in sp.items()},
-                {k: ropt.state[p]["exp_avg"] for k, p in rp.items()})
-
-        # checkpoints: full (gathered, plain-tensor) state dicts equal the single process's
-        options = StateDictOptions(full_state_dict=True)
-        msd = get_model_state_dict(model, options=options)
-        diffs["full_model_state_dict"] = max(float((msd[k] - v).abs().max()) for k, v in ref.state_dict().items())
-        osd = get_optimizer_state_dict(model, opt, options=options)
-        diffs["full_optim_exp_avg"] = max(float((osd["state"][k]["exp_avg"] - ropt.state[p]["exp_avg"]).abs().max())
-                                          for k, p in rp.items())
-        plain = all(not hasattr(v, "full_tensor") for v in msd.values())
-
-        # statistics under FSDP2: the core's hooks (Linear / Conv / packed in_proj) on the sharded model, each
-        # rank its own batch, all-reduced; the single process sees both batches
-        from gnsp_optim.selection import discover_blocks, install_hooks
-
-        def stats_of(net, batches):
-            blocks = [b for b in discover_blocks(net, {}, dtype=F64) if b.kind in ("linear", "conv", "mha_in")]
-            handles = install_hooks(blocks, lambda: True)
-            with torch.no_grad():
-                for batch in batches:
-                    net(*batch)
-            for h in handles:
-                h.remove()
-            return {b.name: b.stat for b in blocks}
-
-        def shifted(i):
-            return tuple(t + i for t in inputs())
-
-        mine = stats_of(model, [shifted(rank)])
-        for stat in mine.values():
-            stat.all_reduce_()
-        single = stats_of(ref, [shifted(r) for r in range(WORLD)])
-        diffs["statistics_all_reduced"] = max(float((mine[k].task_sum - single[k].task_sum).abs().max())
-                                              for k in single)
-        layout["stat_layers"] = sorted(single)
-        from torch.distributed.tensor import Shard, distribute_tensor
-
-        try:  # column-sharded (tensor-parallel style): refused with the layer's name
-            row_shard(distribute_tensor(torch.zeros(4, 6, dtype=F64), mesh, [Shard(1)]), "tp.weight")
-            layout["column_shard_error"] = None
-        except NotImplementedError as err:
-            layout["column_shard_error"] = str(err)
-
-        # a bounded-memory sketch merges across ranks (all_gather, stack, shrink): identical on every rank
-        from gnsp_optim.sketch import SketchStat
-
-        sketch = SketchStat("fc", 10, 4, dtype=F64)
-        sketch.update(sketch_rows(rank))
-        sketch.all_reduce_()
-        sketch.fold()
-        # the converging pass under several ranks: each rank its own stream, one decision for all
-        from gnsp_optim.convergence import ConvergenceMonitor
-        from gnsp_optim.statistics import CovarianceStat
-
-        conv_stat = CovarianceStat("fc", 40, dtype=F64)
-        monitor = ConvergenceMonitor({"fc": conv_stat}, every=2, tol=0.05, patience=2)
-        g = torch.Generator().manual_seed(40 + rank)
-        basis = torch.randn(3, 40, generator=g, dtype=F64)
-        for t in range(200):
-            extra = (torch.randn(16, 1, generator=g, dtype=F64) * 20 * torch.eye(40, dtype=F64)[t][None]
-                     if rank == 1 and t < 30 else torch.zeros(0, 40, dtype=F64))  # rank 1: a new direction each
-            # batch until batch 30
-            conv_stat.update(torch.cat([torch.randn(16, 3, generator=g, dtype=F64) @ basis, extra]))
-            if monitor.update(samples=16):
-                break
-        layout["converged_at"] = (monitor.batches, monitor.converged)
-
-        sketch_out = {"memory": sketch.dense_memory(True)[0], "delta": float(sketch.memory_delta[0]),
-                      "total": float(sketch.spectrum(True).total[0])}
+        layout: dict = {}
+        _grad_checks(model, ref, projs, diffs, moved, layout)
+        plain = _step_checks(model, ref, projs, diffs)
+        _statistics_checks(model, ref, rank, mesh, diffs, layout)
+        sketch_out = _sketch_and_monitor(rank, layout)
         torch.save({"diffs": diffs, "moved": moved, "layout": layout, "plain_state_dict": plain,
                     "forms": {n: p.form for n, p in projs.items()}, "sketch": sketch_out}, f"{tmp}/rank{rank}.pt")
         dist.barrier()
