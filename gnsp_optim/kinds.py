@@ -21,9 +21,24 @@ kind                       weight as ``(G, rows, d)``                   input ro
 =========================  ===========================================  =====================================
 
 A new kind is one small class: ``matches(module)``, ``discover(...)`` returning its blocks, and
-``observe(block, call)``; list it in :data:`LAYER_KINDS`. E.g. transformers' ``Conv1D`` (weight stored
-``(in, out)``, ``x @ W + b``) is :class:`Linear` with ``transposed=True``, matched by class name; an
-``nn.Embedding`` is ``transposed`` too (``one_hot(ids) @ W``) and observes token counts.
+``observe(block, call)``; list it in :data:`LAYER_KINDS` (before a kind it specialises). E.g. transformers'
+``Conv1D`` (weight stored ``(in, out)``, ``y = x @ W + b``), matched by class name so transformers is never
+imported::
+
+    class HFConv1D(Linear):
+        def matches(self, module):
+            return type(module).__name__ == "Conv1D" and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+        def discover(self, name, module, make_stat):
+            prefix = f"{name}." if name else ""
+            bias_name, bias = _bias_of(module, prefix)
+            return [Block(name, self, module, prefix + "weight", module.weight,
+                          make_stat(name, module.weight.shape[0], 1), transposed=True,
+                          bias_name=bias_name, bias=bias)]
+        # observe: Linear's (the input rows)
+
+An ``nn.Embedding`` is ``transposed`` too (``one_hot(ids) @ W``, ``d = num_embeddings``); its ``observe``
+would feed token counts, i.e. a diagonal statistic, rather than a dense ``d x d`` Gram matrix.
 
 A bias that several blocks share, each owning a slice of its entries (attention's separate q/k/v weights
 share ``in_proj_bias``), is expressed once: :attr:`Block.bias_rows`. Everything else reads
