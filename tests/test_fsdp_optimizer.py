@@ -2,7 +2,8 @@
 
 One spawn of two ranks (module fixture; spawning costs seconds). For each model (an MLP, a conv net with a
 grouped conv whose channel groups straddle the shard boundary, attention: packed q/k/v and separate q/k/v
-weights sharing one bias, a tiny CLIP with its ``x @ W`` image projection, and the MLP with bounded
+weights sharing one bias, a tiny CLIP with its ``x @ W`` image projection, called through ``encode_image`` /
+``encode_text`` as the MTIL loop calls it (``register_fsdp_forward_method``), and the MLP with bounded
 ``statistics="sketch"``), float64, ``rho = 0``, AdamW with weight decay in ``mode="update"``:
 
 1. every rank collects its own shard of task 0's data; ``end_task()`` all-reduces the statistics;
@@ -110,9 +111,9 @@ def batch(name: str, seed: int, n: int):
 
 
 def loss_of(name: str, model: nn.Module, data) -> torch.Tensor:
-    if name == "clip":
-        img, txt, scale = model(*data)
-        return (img @ txt.T * scale).diagonal().sum() + model.visual(data[0]).square().sum()
+    if name == "clip":  # as the MTIL loop does: encode_image / encode_text called directly (see shard())
+        img, txt = model.encode_image(data[0]), model.encode_text(data[1])
+        return (img @ txt.T).diagonal().sum() + img.square().sum()
     return model(*data).square().sum()
 
 
@@ -155,7 +156,11 @@ def old_data(name: str, r: int):
 def collect(name: str, model, opt, ranks: list[int]) -> None:
     with opt.collect(), torch.no_grad():
         for r in ranks:
-            model(*old_data(name, r))
+            data = old_data(name, r)
+            if name == "clip":
+                model.encode_image(data[0]), model.encode_text(data[1])
+            else:
+                model(*data)
     opt.end_task()
 
 
@@ -167,6 +172,11 @@ def shard(model: nn.Module, units: list[str], mesh) -> None:
     scalars = {p for p in model.parameters() if p.dim() == 0}
     for u in units:
         fully_shard(modules[u], mesh=mesh, **({"ignored_params": scalars} if u == "" and scalars else {}))
+    if hasattr(model, "encode_image"):  # methods other than forward that use the root's parameters
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "encode_image")
+        register_fsdp_forward_method(model, "encode_text")
 
 
 def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
