@@ -13,12 +13,12 @@ difference and that the projections did something.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import spawn_ranks
 from torch import nn
 
 from gnsp_optim.fsdp import project_left_sharded_, project_rows_sharded_, row_shard
@@ -303,17 +303,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        torch.multiprocessing.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp2"), WORLD)
 
 
 def test_the_cases_that_need_care_really_occur(results):

@@ -24,12 +24,12 @@ projectors bitwise equal), while SGD keeps them within 1e-15.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import spawn_ranks
 from torch import nn
 
 from gnsp_optim import FeatureSource, NullSpaceOptimizer
@@ -253,17 +253,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp2_opt")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        torch.multiprocessing.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp2_opt"), WORLD)
 
 
 @pytest.mark.parametrize("name", MODELS)
