@@ -7,7 +7,8 @@ weights sharing one bias, a tiny CLIP with its ``x @ W`` image projection, calle
 ``statistics="sketch"``), float64, ``rho = 0``, AdamW with weight decay in ``mode="update"``:
 
 1. every rank collects its own shard of task 0's data; ``end_task()`` all-reduces the statistics;
-2. three steps on each rank's own batch (FSDP2 averages the gradients);
+2. three steps on each rank's own batch (FSDP2 averages the gradients); task 1 is collected the same way
+   (its ``end_task()`` also projects the optimizer's moments, DTensors here), two more steps;
 3. ``state_dict()`` on both ranks (a collective), loaded into a *fresh* single-process optimizer, and the
    single process's state dict loaded into a *fresh* sharded one ("and back"); one more step on each.
 
@@ -96,7 +97,9 @@ def build(name: str) -> tuple[nn.Module, list[str], dict]:
 
 def batch(name: str, seed: int, n: int):
     g = torch.Generator().manual_seed(seed)
-    if name in ("mlp", "mlp_sketch"):  # rank-3 inputs: a null space remains at every layer
+    if name in ("mlp", "mlp_sketch"):
+        return (torch.randn(n, 6, generator=g, dtype=F64),)
+    if name == "mlp_old":  # rank-3 inputs on a fixed subspace: a null space remains at every layer
         return (torch.randn(n, 3, generator=g, dtype=F64) @ torch.randn(3, 6, generator=torch.Generator()
                                                                         .manual_seed(7), dtype=F64),)
     if name == "conv":
@@ -148,15 +151,16 @@ def train(name: str, model, opt, steps: int, rank: int | None, seed: int) -> Non
         opt.step()
 
 
-def old_data(name: str, r: int):
-    kind = {"conv": "conv_old", "attention": "attention_old"}.get(name, name)
-    return batch(kind, 100 + r, (1, 2)[r] if name == "attention" else 3 + r)  # uneven shards
+def old_data(name: str, r: int, task: int = 0):
+    kind = {"conv": "conv_old", "attention": "attention_old", "mlp": "mlp_old", "mlp_sketch": "mlp_old"}.get(name,
+                                                                                                          name)
+    return batch(kind, 100 + 50 * task + r, (1, 2)[r] if name == "attention" else 3 + r)  # uneven shards
 
 
-def collect(name: str, model, opt, ranks: list[int]) -> None:
+def collect(name: str, model, opt, ranks: list[int], task: int = 0) -> None:
     with opt.collect(), torch.no_grad():
         for r in ranks:
-            data = old_data(name, r)
+            data = old_data(name, r, task)
             if name == "clip":
                 model.encode_image(data[0]), model.encode_text(data[1])
             else:
@@ -195,6 +199,11 @@ def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
     out: dict = {"init_to_ref": max(float((flat(model)[k] - v).abs().max()) for k, v in flat(ref).items())}
     train(name, model, opt, 3, rank, seed=1)
     train(name, ref, ropt, 3, None, seed=1)
+    # a second task: end_task now also projects the base optimizer's moments (DTensors under FSDP2)
+    collect(name, model, opt, [rank], task=1)
+    collect(name, ref, ropt, list(range(WORLD)), task=1)
+    train(name, model, opt, 2, rank, seed=5)
+    train(name, ref, ropt, 2, None, seed=5)
     p, rp = flat(model), flat(ref)
     out["params"] = max(float((p[k] - rp[k]).abs().max()) for k in rp)
     out["moved"] = max(float((rp[k] - flat(start)[k]).abs().max()) for k in rp)
