@@ -226,7 +226,7 @@ class SketchMemory:
         if any(saturated):
             warnings.warn(f"GNSP: layer {self.name!r}: the rank rule wants more directions than the sketch's "
                           f"{spec.eigenvalues.shape[-1]} rows hold; kept {ranks} per group, so the tail-energy "
-                          "promise does not hold there (raise sketch_rank)", stacklevel=4)
+                          "promise does not hold there (raise sketch_rank)", stacklevel=5)
         return spec.to_projector(rule, dtype=dtype, device=device, rule_dtype=self.rows.dtype)
 
 
