@@ -110,6 +110,38 @@ def spectral_norm_psd(m: torch.Tensor, gen: torch.Generator, iters: int = 40) ->
     return float(v @ (m @ v))
 
 
+def collect_both(exact: CovarianceStat, sketch: SketchStat, stream, args) -> tuple[float, float]:
+    """Feed the same batches to both statistics; seconds spent in each."""
+    t_exact = t_sketch = 0.0
+    for _ in range(args.samples // args.batch):
+        x = stream.batch(args.batch)
+        t0 = time.perf_counter()
+        exact.update(x)
+        t1 = time.perf_counter()
+        sketch.update(x)
+        t2 = time.perf_counter()
+        t_exact += t1 - t0
+        t_sketch += t2 - t1
+    return t_exact, t_sketch
+
+
+def exact_basis(exact: CovarianceStat, d: int, args, rule, gen: torch.Generator):
+    """``(k, kept basis, end_task seconds, tag)`` of the exact memory: an eigh up to
+    ``--exact-eigh-max-width``, the top eigenpairs beyond (tag ``*``; ``*>=`` when ``--topk`` was too few)."""
+    c = exact.memory[0]
+    if d <= args.exact_eigh_max_width:
+        t0 = time.perf_counter()
+        lam, vec = eigh_descending(exact.memory, "exact")
+        k_exact = int(rule(lam[0]))
+        return k_exact, vec[0, :, :k_exact], time.perf_counter() - t0, ""
+    lam_top, vec_top = top_eigenpairs(c, args.topk, gen)
+    total = float(torch.trace(c))
+    tails = total - torch.cumsum(lam_top.double(), 0)
+    hit = torch.nonzero(tails <= args.rho * total)
+    k_exact = int(hit[0, 0]) + 1 if len(hit) else args.topk
+    return k_exact, vec_top[:, :k_exact], float("nan"), "*" if len(hit) else "*>="
+
+
 def part1(args) -> None:
     rule = TailEnergy(args.rho)
     log(f"\n== Part 1: bounded statistics memory (alpha={args.alpha}, rho={args.rho}, sketch rank={args.rank}, "
@@ -123,16 +155,7 @@ def part1(args) -> None:
         stream = PowerLawStream(d, args.alpha, seed=d)
         exact = CovarianceStat("exact", d)
         sketch = SketchStat("sketch", d, args.rank)
-        t_exact = t_sketch = 0.0
-        for _ in range(args.samples // args.batch):
-            x = stream.batch(args.batch)
-            t0 = time.perf_counter()
-            exact.update(x)
-            t1 = time.perf_counter()
-            sketch.update(x)
-            t2 = time.perf_counter()
-            t_exact += t1 - t0
-            t_sketch += t2 - t1
+        t_exact, t_sketch = collect_both(exact, sketch, stream, args)
         mem_exact = exact.task_sum.numel() * 4 / 2**20
         mem_collect = sketch.memory_bytes() / 2**20  # the task buffer (2 rank rows); first task: no memory yet
         exact.fold()
@@ -144,22 +167,7 @@ def part1(args) -> None:
         proj_s = spec.to_projector(rule)
         t_end_sketch = time.perf_counter() - t0
         _, saturated = spec.ranks(rule)
-        if d <= args.exact_eigh_max_width:
-            t0 = time.perf_counter()
-            lam, vec = eigh_descending(exact.memory, "exact")
-            k_exact = int(rule(lam[0]))
-            t_end_exact = time.perf_counter() - t0
-            u_exact = vec[0, :, :k_exact]
-            tag = ""
-        else:
-            lam_top, vec_top = top_eigenpairs(c, args.topk, gen)
-            total = float(torch.trace(c))
-            tails = total - torch.cumsum(lam_top.double(), 0)
-            hit = torch.nonzero(tails <= args.rho * total)
-            k_exact = int(hit[0, 0]) + 1 if len(hit) else args.topk
-            u_exact = vec_top[:, :k_exact]
-            t_end_exact = float("nan")
-            tag = "*" if len(hit) else "*>="
+        k_exact, u_exact, t_end_exact, tag = exact_basis(exact, d, args, rule, gen)
         g = torch.randn(256, d + 1, generator=gen, dtype=torch.float64)
         leak_e, drift_e = leak_and_drift(c, u_exact, g)
         leak_s, drift_s = leak_and_drift(c, kept_basis(proj_s), g)
