@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
     ap.add_argument("--clip-step", action="store_true",
                     help="time a whole CLIP training step (ViT-B/16; --quick: tiny) instead of the layer kernels")
     ap.add_argument("--device", default="cpu", help="--clip-step: cpu or cuda")
+    ap.add_argument("--stats-chunk-rows", type=int, default=None,
+                    help="--clip-step: NullSpaceOptimizer(stats_chunk_rows=...) (16-bit inputs upcast in chunks)")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="--clip-step: bf16 autocast (default: on for cuda, off for cpu)")
     args = ap.parse_args(argv)
@@ -317,17 +319,33 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901, PLR0912, PLR0915 
                                     uncovered="train")
     x = torch.randn(batch, tokens, width, generator=gen)
 
+    # the same tower with bounded statistics: a frequent-directions sketch for the widest input (c_proj's)
+    sk_net = copy.deepcopy(plain)
+    sk_opt = NullSpaceOptimizer(torch.optim.AdamW(sk_net.parameters(), lr=1e-5), sk_net, rho=args.rho,
+                                protect=[*protect, "resblocks.*.bias"], feature_sources=sources,
+                                uncovered="train", statistics="sketch", sketch_rank=min(256, hidden // 4),
+                                sketch_min_width=hidden + 1)
+
     def run_collect() -> None:
         with hooked_opt.collect():
             net(x)
 
+    def run_collect_sketch() -> None:
+        with sk_opt.collect():
+            sk_net(x)
+
     with torch.no_grad():
-        for f in (lambda: plain(x), lambda: net(x), run_collect):
+        for f in (lambda: plain(x), lambda: net(x), run_collect, run_collect_sketch):
             f()  # warm-up (allocates the statistics buffers)
-        ct = interleaved({"plain": lambda: plain(x), "hooked": lambda: net(x), "collect": run_collect},
-                         rounds)
+        ct = interleaved({"plain": lambda: plain(x), "hooked": lambda: net(x), "collect": run_collect,
+                          "collect_sketch": run_collect_sketch}, rounds)
+    hooked_opt.discard_collection()
+    sk_opt.discard_collection()
     row(f"collecting forward vs plain ({batch}x{tokens} tokens)", ct["collect"], ct["plain"], 1.3, "(plain)")
     row("forward with hooks, collect() closed vs plain", ct["hooked"], ct["plain"], 1.05, "(plain)")
+    n_sk = sum(type(b.stat).__name__ == "SketchStat" for b in sk_opt.blocks)
+    row(f"collecting forward, statistics='sketch' ({n_sk} sketched inputs, rank {min(256, hidden // 4)}) "
+        "vs exact", ct["collect_sketch"], ct["collect"], None, "(exact)")
 
     # ---------------------------------------------------------------- 3b. row subsampling: saving vs drift
     # old-task tokens with power-law structure; after collecting (all rows or a share), 10 AdamW update-mode
@@ -479,7 +497,8 @@ def clip_step(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:  # 
 
     def make(mode: str) -> NullSpaceOptimizer:
         return NullSpaceOptimizer(torch.optim.AdamW(trainable, lr=1e-5), model, rho=args.rho, rule=rule,
-                                  mode=mode, protect=GNSP_CLIP_VISUAL, feature_sources=sources)
+                                  mode=mode, protect=GNSP_CLIP_VISUAL, feature_sources=sources,
+                                  stats_chunk_rows=args.stats_chunk_rows)
 
     plain = torch.optim.AdamW(trainable, lr=1e-5)
     grad_opt, update_opt = make("grad"), make("update")

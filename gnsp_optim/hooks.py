@@ -79,7 +79,9 @@ class Hooks:
         by_module: dict[int, tuple[nn.Module, list[Block]]] = {}
         for b in blocks:
             by_module.setdefault(id(b.module), (b.module, []))[1].append(b)
-        return cls([mod.register_forward_hook(ModuleObserver(group, gate, mod), with_kwargs=True)
+        # prepend: run before FSDP2's post-forward reshard of a fully_shard-ed module, so attention's
+        # recomputation of out_proj's input sees whole parameters, not DTensor shards
+        return cls([mod.register_forward_hook(ModuleObserver(group, gate, mod), with_kwargs=True, prepend=True)
                     for mod, group in by_module.values()])
 
     def replace(self, blocks: list[Block], gate: Gate) -> None:

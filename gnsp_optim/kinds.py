@@ -63,6 +63,7 @@ from torch import nn
 from .boundary import input_rows, is_hf_conv1d
 from .embedding import TokenCountStat
 from .projector import Projector, projector_from_counts, projector_from_memory
+from .sketch import SketchStat
 from .statistics import CovarianceStat
 from .subspace import RankRule
 
@@ -73,13 +74,22 @@ __all__ = ["FeatureSource", "Block", "LayerKind", "Linear", "Conv", "MultiheadAt
 
 @dataclass(frozen=True)
 class StatFactory:
-    """``make_stat(name, dim, groups) -> CovarianceStat`` with the optimizer's dtype and normalisation."""
+    """``make_stat(name, dim, groups)``: one block's input statistic with the optimizer's dtype and
+    normalisation: a :class:`~.statistics.CovarianceStat`, or under ``statistics="sketch"`` a bounded
+    :class:`~.sketch.SketchStat` for inputs at least ``sketch_min_width`` wide (the bias column counted)."""
 
     dtype: torch.dtype = torch.float32
     normalize: str = "mean"
+    statistics: str = "exact"
+    sketch_rank: int = 256
+    sketch_min_width: int = 2048
+    chunk_rows: int | None = None
 
-    def __call__(self, name: str, dim: int, groups: int) -> CovarianceStat:
-        return CovarianceStat(name, dim, groups, dtype=self.dtype, normalize=self.normalize)
+    def __call__(self, name: str, dim: int, groups: int) -> CovarianceStat | SketchStat:
+        if self.statistics == "sketch" and dim + 1 >= self.sketch_min_width:
+            return SketchStat(name, dim, self.sketch_rank, groups, dtype=self.dtype, normalize=self.normalize)
+        return CovarianceStat(name, dim, groups, dtype=self.dtype, normalize=self.normalize,
+                              chunk_rows=self.chunk_rows)
 
 
 @dataclass(frozen=True)
@@ -345,16 +355,28 @@ def attention_heads(module: nn.MultiheadAttention, args: tuple, kwargs: dict) ->
     """
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
     out_w = module.out_proj.weight
-    swap = {"out_proj.weight": torch.eye(module.embed_dim, dtype=out_w.dtype, device=out_w.device)}
+    swap = {"inner.out_proj.weight": torch.eye(module.embed_dim, dtype=out_w.dtype, device=out_w.device)}
     if module.out_proj.bias is not None:
-        swap["out_proj.bias"] = torch.zeros_like(module.out_proj.bias)
+        swap["inner.out_proj.bias"] = torch.zeros_like(module.out_proj.bias)
     bound.arguments["need_weights"] = False
     _RECOMPUTING.add(id(module))
     try:
         with torch.no_grad():
-            return torch.func.functional_call(module, swap, bound.args, bound.kwargs)[0]
+            return torch.func.functional_call(_Replay(module), swap, bound.args, bound.kwargs)[0]
     finally:
         _RECOMPUTING.discard(id(module))
+
+
+class _Replay(nn.Module):
+    """Calls ``inner.forward`` directly, so the replay runs none of ``inner``'s hooks (FSDP2's pre-forward
+    unshard / post-forward reshard would run a second time inside the first call's hook)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.forward(*args, **kwargs)
 
 
 class AttentionInProj(LayerKind):
@@ -482,19 +504,22 @@ LAYER_KINDS: tuple[LayerKind, ...] = (Linear(), Conv(), MultiheadAttention(), Em
 
 def discover_blocks(model: nn.Module, feature_sources: dict[str, FeatureSource], *,
                     dtype: torch.dtype = torch.float32, normalize: str = "mean",
-                    kinds: tuple[LayerKind, ...] = LAYER_KINDS) -> list[Block]:
+                    kinds: tuple[LayerKind, ...] = LAYER_KINDS,
+                    stat_factory: StatFactory | None = None) -> list[Block]:
     """Every block the model offers: each module's blocks by its kind, plus the feature sources.
 
     A weight gets one block per side (input side, or ``transposed``): the first discovered (a module before
     its children, so attention's own ``out_proj`` block wins over the plain ``Linear`` it is stored as, whose
     forward never runs); a weight tied between an embedding (rows) and a head (inputs) gets both. A feature
-    source replaces any block of its parameter. Statistics are created here, hooks are not (:mod:`.hooks`).
+    source replaces any block of its parameter. Statistics are created here, hooks are not (:mod:`.hooks`):
+    by ``stat_factory`` when given (e.g. bounded sketches for wide inputs), else a
+    :class:`~.statistics.CovarianceStat` of ``dtype`` and ``normalize``.
 
     Example:
         >>> [b.name for b in discover_blocks(torch.nn.Conv2d(3, 8, 3), {})]
         ['']
     """
-    make_stat = StatFactory(dtype, normalize)
+    make_stat = stat_factory if stat_factory is not None else StatFactory(dtype, normalize)
     blocks: list[Block] = []
     seen: set[tuple[int, bool]] = set()
     for mname, mod in model.named_modules():

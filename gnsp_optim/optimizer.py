@@ -37,15 +37,24 @@ import torch
 from torch import nn
 
 from .boundary import RUNNING_STATS, RunningStatsFreeze, check_no_dora, check_not_meta, to_float64_
-from .checkpoint import FORMAT_VERSION, check_protection_state, pack_protection_state, restore_protection_state
+from .checkpoint import (
+    FORMAT_VERSION,
+    base_state_dict,
+    check_protection_state,
+    load_base_state_dict,
+    pack_protection_state,
+    restore_protection_state,
+)
+from .convergence import ConvergenceMonitor, run_until_converged
 from .hooks import Gate, Hooks
-from .kinds import Block, FeatureSource, discover_blocks
+from .kinds import Block, FeatureSource, StatFactory, discover_blocks
 from .outside_use import report_outside_use, watch_outside_use
 from .projection import LINEAR_STATE_KEYS, project_gradients, project_moments, projected_change
 from .projector import Projector
 from .report import format_summary, report_rows, warn_newly_full
 from .selection import clean_name, parameter_owners, select_blocks, unwrap_model
-from .sharding import check_model_supported
+from .sharding import check_model_supported, reshard_fsdp_modules
+from .sketch import SketchMemory, SketchStat
 from .statistics import NORMALIZE_MODES
 from .subspace import RankRule, TailEnergy
 
@@ -54,6 +63,7 @@ __all__ = ["NullSpaceOptimizer", "FORMAT_VERSION", "LINEAR_STATE_KEYS"]
 MODES = ("grad", "update")
 UNCOVERED = ("freeze", "train", "raise")
 OUTSIDE_USE = ("warn", "raise", "ignore")
+STATISTICS = ("exact", "sketch")
 
 
 def _checked_stats_dtype(model: nn.Module, stats_dtype: torch.dtype | None) -> torch.dtype:
@@ -100,6 +110,18 @@ def _release(*owned: Any) -> None:
     """Finalizer of a dropped wrapper: uninstall what it installed on the model (holds no wrapper)."""
     for thing in owned:
         thing.remove()
+
+
+def _check_statistics_options(statistics: str, sketch_rank: Any, sketch_min_width: Any,
+                              stats_chunk_rows: Any) -> None:
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}")
+    for name, value, low in (("sketch_rank", sketch_rank, 1), ("sketch_min_width", sketch_min_width, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if stats_chunk_rows is not None and (isinstance(stats_chunk_rows, bool) or not isinstance(stats_chunk_rows, int)
+                                         or stats_chunk_rows < 1):
+        raise ValueError(f"stats_chunk_rows must be a positive int or None, got {stats_chunk_rows!r}")
 
 
 class NullSpaceOptimizer(torch.optim.Optimizer):
@@ -161,6 +183,22 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     opt:`` block, or the wrapper being garbage-collected). ``torch.save(model)`` and ``copy.deepcopy(model)``
     work while they are installed; a copy's forward passes never feed this wrapper's statistics.
 
+        statistics: ``"exact"`` (default): a ``(d+1) x (d+1)`` Gram matrix per protected input;
+            ``"sketch"``: a frequent-directions sketch of ``sketch_rank`` rows (memory ``O(d * sketch_rank)``,
+            the exact total mass kept, so the tail-energy rule stays safe unless a layer is *saturated*, which
+            is warned about by name; :mod:`gnsp_optim.sketch`) for inputs at least ``sketch_min_width`` wide
+            (the bias column counted); narrower ones stay exact.
+        sketch_rank: rows of each sketch (default 256); must exceed the rank the rule keeps.
+        sketch_min_width: the narrowest input (``d + 1``) that gets a sketch (default 2048; the sketch pays
+            where ``3 * sketch_rank`` is well below ``d``).
+        stats_chunk_rows: upcast bf16 / fp16 layer inputs this many rows at a time while collecting (the
+            float32 accumulation is unchanged; the transient copy is ``chunk x d`` instead of the batch's
+            ``n x d``); None (default): one copy per batch. Not applied under ``normalize="frobenius"``.
+
+    FSDP2 (``fully_shard``) models are supported (projection on the local row shards, statistics
+    all-reduced as under DDP, :meth:`state_dict` then a collective: see :mod:`gnsp_optim.sharding`); FSDP1 is
+    refused with the reason.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
@@ -192,8 +230,13 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         batch_layers: bool = False,
         running_stats: str = "freeze",
         outside_use: str = "warn",
+        statistics: str = "exact",
+        sketch_rank: int = 256,
+        sketch_min_width: int = 2048,
+        stats_chunk_rows: int | None = None,
     ) -> None:
         _check_arguments(base_optim, model, rho, mode, uncovered, normalize, running_stats, outside_use)
+        _check_statistics_options(statistics, sketch_rank, sketch_min_width, stats_chunk_rows)
         self._stats_dtype_auto = stats_dtype is None  # then follows a later .double() of the model
         stats_dtype = _checked_stats_dtype(model, stats_dtype)
         # torch.optim.Optimizer bookkeeping, without its __init__ (which would build param_groups anew)
@@ -215,6 +258,10 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         self.feature_sources = dict(feature_sources or {})
         self.stats_dtype, self.project_state, self.sync = stats_dtype, project_state, sync
         self.batch_layers = bool(batch_layers)
+        self.statistics, self.sketch_rank, self.sketch_min_width = statistics, sketch_rank, sketch_min_width
+        self.stats_chunk_rows = stats_chunk_rows
+        #: the ConvergenceMonitor of the current / last ``collect(stop_when_converged=...)`` (None otherwise)
+        self.convergence: ConvergenceMonitor | None = None
         self.tasks_seen = 0
         self.projectors: dict[str, Projector] = {}
         #: names of the uncovered parameters the ``"freeze"`` policy holds still (set at the first end_task)
@@ -319,8 +366,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         trained = self._trained_params(named)
         earlier = {b.name: b.stat for b in self.blocks}  # add_param_group: keep what earlier tasks left
         trainable = {id(p) for p in trained}
-        candidates = discover_blocks(self.model, self.feature_sources, dtype=self.stats_dtype,
-                                     normalize=self.normalize)
+        candidates = discover_blocks(self.model, self.feature_sources, stat_factory=self._stat_factory())
         self.blocks = select_blocks(candidates, named, trainable, self.protect, owners=parameter_owners(self.model))
         for b in self.blocks:
             b.stat = earlier.get(b.name, b.stat)
@@ -341,6 +387,11 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         if self.tasks_seen > 0:  # add_param_group after a task boundary
             self._refit_after_rebuild()
 
+    def _stat_factory(self) -> StatFactory:
+        """How each block's input statistic is made: a sketch for wide inputs under ``statistics="sketch"``."""
+        return StatFactory(self.stats_dtype, self.normalize, self.statistics, self.sketch_rank,
+                           self.sketch_min_width, self.stats_chunk_rows)
+
     def _refit_after_rebuild(self) -> None:
         """After ``add_param_group`` past the first task: projectors must fit the new blocks, layers with no
         statistics are frozen (they never saw the old tasks), and the uncovered policy applies to newcomers."""
@@ -352,7 +403,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             if b.stat.memory is None:
                 warnings.warn(f"GNSP: layer {b.name!r} was added after a task boundary and has no statistics of "
                               "earlier tasks; it is frozen until the next end_task()", stacklevel=4)
-            self.projectors[b.name] = self._projector(b, b.stat.memory)
+            stored = b.stat.stored_memory() if isinstance(b.stat, SketchStat) else b.stat.memory
+            self.projectors[b.name] = self._projector(b, stored)
         if not self._uncovered:
             return
         if self.uncovered == "raise":
@@ -391,7 +443,8 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ statistics
     @contextlib.contextmanager
-    def collect(self, row_fraction: float = 1.0, seed: int = 0) -> Iterator[NullSpaceOptimizer]:
+    def collect(self, row_fraction: float = 1.0, seed: int = 0,
+                stop_when_converged: bool | dict[str, Any] = False) -> Iterator[NullSpaceOptimizer]:
         """Open a collection: every forward pass of the model adds to the protected layers' input statistics.
 
         Run the model on the finished task's data inside it (usually under ``torch.no_grad()`` and
@@ -402,12 +455,26 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
         not sampled are protected only as far as they lie in the span of those that were
         (``benchmarks/overhead.py`` measures the trade-off).
 
+        ``stop_when_converged``: ``True`` or a dict of :class:`~gnsp_optim.convergence.ConvergenceMonitor`
+        options (``every``, ``tol``, ``patience``, ``criterion``, ``min_samples``, ...; the rank rule is the
+        optimizer's) attaches a monitor (:attr:`monitor`); call :meth:`collection_converged` after each batch
+        and stop feeding batches once it returns True. ``monitor.report()`` gives the samples used. Off by
+        default: the paper's protocol is one full pass. (:meth:`collect_until_converged` runs the loop.)
+
         Example::
 
             with opt.collect(), torch.no_grad():
                 for x, _ in old_task_loader:
                     model(x)
             opt.end_task()
+
+            with opt.collect(stop_when_converged={"every": 10, "tol": 0.02}), torch.no_grad():
+                for x, _ in old_task_loader:
+                    model(x)
+                    if opt.collection_converged(len(x)):
+                        break
+            opt.end_task()
+            print(opt.convergence.report())  # {'converged': True, 'samples': ..., 'batches': ..., ...}
         """
         if self._gate.open:
             raise RuntimeError("collect() is already open")
@@ -417,6 +484,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise RuntimeError("collect(): the hooks were removed (remove_hooks()); build a new wrapper to collect")
         self._check_same_parameters()
         self._follow_model_dtype()
+        self.convergence = self._convergence_monitor(stop_when_converged)
         gen = torch.Generator().manual_seed(seed)
         for b in self.blocks:
             b.stat.row_fraction, b.stat.generator = float(row_fraction), gen
@@ -429,7 +497,44 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             self._gate.open = False
             for b in self.blocks:
                 b.stat.row_fraction, b.stat.generator = 1.0, None
+            reshard_fsdp_modules(self.model)  # FSDP2: a no_grad pass leaves the root's full weights gathered
         report_outside_use(watch, self.outside_use)
+
+    def _convergence_monitor(self, options: bool | dict[str, Any]) -> ConvergenceMonitor | None:
+        if options is False or options is None:
+            return None
+        if options is not True and not isinstance(options, dict):
+            raise TypeError(f"stop_when_converged must be a bool or a dict of ConvergenceMonitor options, got "
+                            f"{type(options).__name__}")
+        kw = {} if options is True else dict(options)
+        kw.setdefault("rule", self.rule)
+        kw.setdefault("sync", self.sync)
+        return ConvergenceMonitor({b.name: b.stat for b in self.blocks}, **kw)
+
+    def collection_converged(self, samples: int) -> bool:
+        """Inside ``collect(stop_when_converged=...)``: count one batch of ``samples``; True once the protected
+        subspaces stopped changing (every ``every`` batches the monitor checks; under ``torch.distributed``
+        all ranks decide together, so every rank must call this once per batch). False without a monitor."""
+        if not self._gate.open:
+            raise RuntimeError("collection_converged() must be called inside collect()")
+        return self.convergence is not None and self.convergence.update(samples)
+
+    def collect_until_converged(self, batches: Any, forward: Callable[[Any], int], *, row_fraction: float = 1.0,
+                                seed: int = 0, progress: bool = False, **monitor_options: Any) -> dict[str, Any]:
+        """Run ``forward(batch)`` (it calls the model and returns the batch's sample count) inside
+        ``collect(stop_when_converged=monitor_options)`` and ``torch.no_grad()`` until the monitor converges or
+        ``batches`` run out; returns the monitor's report plus ``"exhausted"``. Call :meth:`end_task` after.
+
+        Example::
+
+            out = opt.collect_until_converged(loader, lambda b: len(model(b[0])), every=10, tol=0.02)
+            opt.end_task()
+            out["samples"], out["converged"]
+        """
+        with self.collect(row_fraction, seed, stop_when_converged=dict(monitor_options)), torch.no_grad():
+            assert self.convergence is not None
+            return run_until_converged(batches, forward, self.convergence, progress=progress)
+
 
     def _check_same_parameters(self) -> None:
         """Refuse to collect for parameters the model no longer holds (replaced, not converted in place)."""
@@ -524,9 +629,13 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             for b in self.blocks:
                 b.stat.all_reduce_()
 
-    def _projector(self, b: Block, memory: torch.Tensor | None) -> Projector:
-        """The block's projector from its memory (built by its kind); no memory: fully occupied (frozen)."""
-        return b.kind.projector(b, memory, self.rule, device=b.weight.device, dtype=b.weight.dtype)
+    def _projector(self, b: Block, memory: torch.Tensor | SketchMemory | None) -> Projector:
+        """The block's projector from its memory (built by its kind; a bounded sketch builds its own);
+        no memory: fully occupied (frozen)."""
+        where = dict(device=b.weight.device, dtype=b.weight.dtype)
+        if isinstance(memory, SketchMemory):
+            return memory.projector(self.rule, with_bias=b.bias is not None, **where)
+        return b.kind.projector(b, memory, self.rule, **where)
 
     def _project_moments(self) -> None:
         if isinstance(self.base, torch.optim.LBFGS):
@@ -614,14 +723,19 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """The base optimizer's state dict plus the protection state, keyed by parameter names.
 
+        Under FSDP2 the base optimizer's sharded state is gathered into a full, name-keyed state dict (a
+        collective: call it on every rank, save from rank 0); it loads into one process and back.
+
         Example:
             >>> sd = opt.state_dict()        # doctest: +SKIP
             >>> sorted(sd)                   # doctest: +SKIP
             ['base', 'gnsp']
         """
-        return {"base": self.base.state_dict(),
+        reshard_fsdp_modules(self.model)  # after an eval forward FSDP2 would name the gathered weights
+        base, keys = base_state_dict(self.model, self.base)
+        return {"base": base,
                 "gnsp": pack_protection_state(self.blocks, self.projectors, tasks_seen=self.tasks_seen,
-                                              mode=self.mode, frozen=self.frozen)}
+                                              mode=self.mode, frozen=self.frozen, base_keys=keys)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict`'s output. Everything is checked before anything changes.
@@ -634,7 +748,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
                              "plain optimizer's state use opt.base.load_state_dict(...)")
         g = state_dict["gnsp"]
         check_protection_state(g, self.blocks, set(self._named_params()))
-        self.base.load_state_dict(state_dict["base"])
+        load_base_state_dict(self.model, self.base, state_dict["base"], g.get("base_keys", "ids"))
         self.projectors = restore_protection_state(g, self.blocks)
         self._stacked.clear()
         self._live_views.clear()

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .fsdp import is_dtensor, project_left_sharded_, project_rows_sharded_
 from .kinds import Block
 from .projector import Projector
 
@@ -60,13 +61,27 @@ def project_block(block: Block, proj: Projector, w: torch.Tensor, b: torch.Tenso
 
     ``in_place=True`` multiplies straight into the tensors when the matrix view writes through (no copy
     back); otherwise, or with ``in_place=False`` (the twin), it applies to fresh tensors and writes back.
+    FSDP2: a row-sharded ``DTensor`` weight is projected shard by shard (:mod:`.fsdp`; the single-process
+    path on the gathered tensors is its twin, ``tests/test_fsdp_optimizer.py``).
     """
+    if is_dtensor(w):
+        _project_sharded(block, proj, w, b)
+        return
     wm, bm = block.read(w, b)
     if in_place and _writes_through(wm, w, bm, b):
         proj.apply_(wm, bm)
         return
     nw, nb = proj.apply(wm, bm)
     block.write(w, b, nw, nb)
+
+
+def _project_sharded(block: Block, proj: Projector, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """FSDP2: rows of an input-side weight are local (no communication); an ``x @ W`` weight is sharded on
+    its input dimension (one all-reduce of ``k x out``)."""
+    if block.transposed:  # bare x @ W (CLIP's visual.proj), transformers' Conv1D (x @ W + b)
+        project_left_sharded_(proj, w, b, name=block.name)
+    else:
+        project_rows_sharded_(proj, w, b, groups=block.groups, bias_rows=block.bias_rows, name=block.name)
 
 
 def stack_projectors(projs: list[Projector], dtype: torch.dtype) -> Projector:
@@ -102,6 +117,9 @@ def project_blocks(items: list[Item], *, batched: bool = False, cache: dict | No
         return
     shapes: dict[tuple, list] = {}
     for b, proj, w, bias in items:
+        if is_dtensor(w):  # FSDP2 shards: per block (a stack of shards of different layouts means nothing)
+            project_block(b, proj, w, bias)
+            continue
         wm, bm = b.read(w, bias)
         key = (proj.form, proj.dim, tuple(wm.shape[1:]), bm is None, wm.dtype, wm.device)
         shapes.setdefault(key, []).append((b, proj, w, bias, wm, bm))

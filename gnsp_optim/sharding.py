@@ -1,20 +1,27 @@
 r"""``torch.distributed`` support: what works, and a clear refusal for what does not (no framework needed).
 
-**Works (tested in ``tests/test_distributed.py``):** ``DistributedDataParallel`` (and ``DataParallel``). Every
-rank keeps a full replica, the forward hooks see the rank's local batch, and
-:meth:`~gnsp_optim.NullSpaceOptimizer.end_task` all-reduces (SUM) the collected sums and row counts before
-the eigendecomposition, so every rank builds the same projectors, equal to those of one process that saw
-all the ranks' data. Parameter names are stored without ``module.``, so checkpoints move freely between a
-DDP run and a single process.
+**Works (tested in ``tests/test_distributed.py`` and ``tests/test_fsdp_optimizer.py``):**
 
-**Refused:** sharded parameters. FSDP1 (``FullyShardedDataParallel``) flattens each unit's parameters into
-one 1-D ``FlatParameter`` and gives every rank a slice of it; FSDP2 (``fully_shard``) and tensor parallelism
-turn parameters into ``DTensor`` shards. GNSP reads each protected weight as a ``(groups, rows, d)`` matrix
-and multiplies whole rows by a ``d x d`` projector (attention's q/k/v row blocks, grouped convolutions,
-``x @ W`` weights stored transposed, the bias as an extra input column, the ``mode="update"`` snapshot and
-the projection of Adam's ``exp_avg``): none of that is defined on a flat slice, and none of it is
-DTensor-aware. :func:`check_model_supported` raises a ``TypeError`` saying so instead of letting a step fail
-deep inside, or silently project the wrong numbers.
+- ``DistributedDataParallel`` (and ``DataParallel``). Every rank keeps a full replica, the forward hooks see
+  the rank's local batch, and :meth:`~gnsp_optim.NullSpaceOptimizer.end_task` all-reduces (SUM) the collected
+  sums and row counts before the eigendecomposition, so every rank builds the same projectors, equal to those
+  of one process that saw all the ranks' data.
+- FSDP2 (``torch.distributed.fsdp.fully_shard``; HSDP's 2-D mesh too): parameters are ``DTensor`` s sharded
+  on dim 0. Statistics are all-reduced as under DDP; projectors are replicated; each step projects the local
+  row shards (:mod:`gnsp_optim.fsdp`: no communication for input-side weights, one all-reduce of a
+  ``k x out`` matrix for a left-multiplied ``x @ W`` weight, a gather + all-reduce of ``3 e`` numbers for a
+  q/k/v bias split differently from its weights).
+
+Parameter names are stored without ``module.``, so checkpoints move freely between DDP, FSDP2 and a single
+process.
+
+**Refused:** FSDP1 (``FullyShardedDataParallel``) flattens each unit's parameters into one 1-D
+``FlatParameter`` and gives every rank a slice of it: GNSP reads each protected weight as a
+``(groups, rows, d)`` matrix and multiplies whole rows by a ``d x d`` projector (attention's q/k/v row blocks,
+grouped convolutions, ``x @ W`` weights stored transposed, the bias as an extra input column), none of which is
+defined on a slice of a flat vector. DTensors placed otherwise than ``Shard(0)`` (+ ``Replicate``), e.g.
+tensor parallelism's ``Shard(1)``, are refused too. :func:`check_model_supported` raises a ``TypeError``
+saying so instead of letting a step fail deep inside, or silently project the wrong numbers.
 
 Example:
     >>> import torch
@@ -28,11 +35,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["check_model_supported", "is_sharded_parameter"]
+__all__ = ["check_model_supported", "is_sharded_parameter", "is_row_sharded", "reshard_fsdp_modules"]
 
 _WHY = ("GNSP projects every protected weight as whole (groups, rows, input_dim) matrices, with the bias as "
-        "an extra input column; a sharded parameter does not hold whole matrices. Use "
-        "DistributedDataParallel (supported: statistics are all-reduced at end_task) or train unsharded.")
+        "an extra input column; a slice of a flat parameter does not hold whole rows. Use FSDP2 "
+        "(torch.distributed.fsdp.fully_shard: supported), DistributedDataParallel (supported) or train unsharded.")
 
 
 def _fsdp1_class() -> type | None:
@@ -43,16 +50,6 @@ def _fsdp1_class() -> type | None:
     except ImportError:  # pragma: no cover - very old or stripped torch builds
         return None
     return FullyShardedDataParallel
-
-
-def _fsdp2_class() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6
-        return None
-    return FSDPModule
 
 
 def _dtensor_class() -> type | None:
@@ -81,11 +78,41 @@ def is_sharded_parameter(p: torch.Tensor) -> bool:
     return type(p).__name__ == "FlatParameter" or bool(getattr(p, "_is_flat_param", False))
 
 
-def check_model_supported(model: nn.Module, params: Iterable[torch.Tensor] | None = None) -> None:
-    """Raise ``TypeError`` when ``model`` (or ``params``) is sharded by FSDP1, FSDP2 or tensor parallelism.
+def is_row_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a DTensor sharded on dim 0 along one mesh dimension and replicated along any other
+    (FSDP2's layout, which :mod:`gnsp_optim.fsdp` projects).
 
-    Plain modules, ``torch.compile``\\d modules, ``DataParallel`` and ``DistributedDataParallel`` pass.
-    ``params`` (e.g. the base optimizer's parameters) are checked as well when given.
+    Example:
+        >>> is_row_sharded(torch.zeros(2, 2))
+        False
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(p, dtensor):
+        return False
+    from torch.distributed.tensor import Replicate, Shard
+
+    shards = [q for q in p.placements if isinstance(q, Shard)]
+    return (len(shards) == 1 and shards[0].dim == 0
+            and all(isinstance(q, (Shard, Replicate)) for q in p.placements))
+
+
+def _refusal(name: str, p: torch.Tensor) -> str | None:
+    if type(p).__name__ == "FlatParameter" or bool(getattr(p, "_is_flat_param", False)):
+        return f"GNSP does not support sharded parameters: {name!r} is an FSDP1 FlatParameter. {_WHY}"
+    if is_sharded_parameter(p) and not is_row_sharded(p):
+        return (f"GNSP does not support sharded parameters: {name!r} is a DTensor with placements "
+                f"{tuple(p.placements)}; GNSP projects DTensors sharded on dim 0 along one mesh dimension "
+                "(FSDP2's Shard(0), replicated elsewhere), since each rank then holds whole weight rows")
+    return None
+
+
+def check_model_supported(model: nn.Module, params: Iterable[torch.Tensor] | None = None) -> None:
+    """Raise ``TypeError`` when ``model`` (or ``params``) is sharded in a way GNSP cannot project.
+
+    Plain modules, ``torch.compile``\\d modules, ``DataParallel``, ``DistributedDataParallel`` and FSDP2
+    (``fully_shard``: DTensors sharded on dim 0) pass; FSDP1 and DTensors placed otherwise (tensor parallel
+    ``Shard(1)``, ``Replicate`` only) are refused with the reason. ``params`` (e.g. the base optimizer's
+    parameters) are checked as well when given.
 
     Example:
         >>> import torch
@@ -96,20 +123,35 @@ def check_model_supported(model: nn.Module, params: Iterable[torch.Tensor] | Non
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    fsdp1, fsdp2 = _fsdp1_class(), _fsdp2_class()
+    fsdp1 = _fsdp1_class()
     for name, mod in model.named_modules():
         where = f" (module {name!r})" if name else ""
         if fsdp1 is not None and isinstance(mod, fsdp1):
             raise TypeError(f"GNSP does not support FullyShardedDataParallel (FSDP1){where}: FSDP1 flattens "
                             f"parameters into 1-D FlatParameter shards. {_WHY}")
-        if fsdp2 is not None and isinstance(mod, fsdp2):
-            raise TypeError(f"GNSP does not support FSDP2 / fully_shard{where}: its parameters are DTensor "
-                            f"shards. {_WHY}")
     checked = list(model.named_parameters())
     if params is not None:
         checked += [(f"<optimizer parameter #{i}>", p) for i, p in enumerate(params)]
     for name, p in checked:
-        if is_sharded_parameter(p):
-            kind = "a DTensor (FSDP2 / tensor parallel)" if type(p).__name__ != "FlatParameter" else \
-                "an FSDP1 FlatParameter"
-            raise TypeError(f"GNSP does not support sharded parameters: {name!r} is {kind}. {_WHY}")
+        why = _refusal(name, p)
+        if why is not None:
+            raise TypeError(why)
+
+
+def reshard_fsdp_modules(model: nn.Module) -> None:
+    """Free the gathered parameters FSDP2 keeps after a forward without backward (a ``no_grad`` pass leaves the
+    root unit unsharded: its full weights stay in memory, and ``named_parameters()`` yields them instead of
+    the sharded ones the optimizer holds). Local, no communication; a no-op for unsharded models.
+
+    Example:
+        >>> reshard_fsdp_modules(torch.nn.Linear(2, 2))
+    """
+    if not torch.distributed.is_available():
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return
+    for mod in model.modules():
+        if isinstance(mod, FSDPModule):
+            mod.reshard()

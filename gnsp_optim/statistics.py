@@ -50,16 +50,20 @@ class CovarianceStat:
     ``fast=True`` accumulates with in-place GEMMs straight into the buffer, computing only the upper block
     strips of the symmetric Gram matrix (``gram_block`` wide; None: chosen from ``dim``); ``fast=False`` is
     the general path (a fresh ``bmm``, then adds), kept as the twin the tests compare against.
+    ``chunk_rows``: upcast 16-bit inputs that many rows at a time (see :meth:`update`; None: the whole batch).
     """
 
     def __init__(self, name: str, dim: int, groups: int = 1, dtype: torch.dtype = torch.float32,
-                 normalize: str = "mean", *, fast: bool = True, gram_block: int | None = None) -> None:
+                 normalize: str = "mean", *, fast: bool = True, gram_block: int | None = None,
+                 chunk_rows: int | None = None) -> None:
         if normalize not in NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"statistics accumulate in float32 or float64, got {dtype}")
         self.name, self.dim, self.groups, self.dtype, self.normalize = name, dim, groups, dtype, normalize
-        self.fast, self.gram_block = fast, gram_block
+        if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be a positive int or None, got {chunk_rows!r}")
+        self.fast, self.gram_block, self.chunk_rows = fast, gram_block, chunk_rows
         self.task_sum: torch.Tensor | None = None
         self.task_count = 0  # rows seen this task (per group)
         self.task_batches = 0
@@ -77,9 +81,14 @@ class CovarianceStat:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, group: int | None = None) -> None:
-        """Add inputs ``x``: ``(n, d)`` (the same rows for every group, or for ``group`` alone) or ``(G, n, d)``."""
+        """Add inputs ``x``: ``(n, d)`` (the same rows for every group, or for ``group`` alone) or ``(G, n, d)``.
+
+        16-bit inputs (bf16 / fp16) with ``chunk_rows`` set are upcast ``chunk_rows`` rows at a time (the
+        transient float copy is ``chunk_rows x d``, not ``n x d``); products of 16-bit numbers are exact in
+        float32, so only the order of additions changes (twin: ``chunk_rows=None``, one copy of the batch).
+        """
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.detach().to(self.dtype)
+            x = x.detach()
             if x.dim() == 2:
                 x = x.unsqueeze(0)
             if x.shape[-1] != self.dim or x.shape[0] not in (1, self.groups):
@@ -95,30 +104,37 @@ class CovarianceStat:
             buf = self._buffer(x.device)
             if group is not None:
                 buf = buf[group : group + 1]
-            d = self.dim
-            if self.fast and self.normalize != "frobenius" and x.shape[0] == buf.shape[0]:
-                # fast path: the GEMM accumulates straight into the buffer's X^T X block (no fresh d x d
-                # tensor, no extra add pass); twin: the general path below (tests/test_math_twins.py)
-                _add_gram_(buf[:, :d, :d], x, self.gram_block)
-                col = x.sum(dim=1)
-                buf[:, :d, d] += col
-                buf[:, d, :d] += col
-                buf[:, d, d] += float(n)
-                self.task_count += n
-                self.task_batches += 1
-                return
-            gram = torch.bmm(x.transpose(1, 2), x)  # (1 or G, d, d): one GEMM per group
-            col = x.sum(dim=1)  # (1 or G, d)
-            count = torch.full((x.shape[0],), float(n), dtype=self.dtype, device=x.device)
-            if self.normalize == "frobenius":
-                scale = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(self.dtype).tiny).reciprocal()
-                gram, col, count = gram * scale[:, None, None], col * scale[:, None], count * scale
-            buf[:, :d, :d] += gram
-            buf[:, :d, d] += col
-            buf[:, d, :d] += col
-            buf[:, d, d] += count
+            chunk = self.chunk_rows
+            if chunk and x.element_size() < 4 and self.normalize != "frobenius":  # frobenius: whole-batch norm
+                for start in range(0, n, chunk):
+                    self._accumulate(buf, x[:, start:start + chunk].to(self.dtype))
+            else:
+                self._accumulate(buf, x.to(self.dtype))
             self.task_count += n
             self.task_batches += 1
+
+    def _accumulate(self, buf: torch.Tensor, x: torch.Tensor) -> None:
+        """``buf += [X | 1]^T [X | 1]`` (per batch Frobenius-normalised under ``"frobenius"``)."""
+        n, d = x.shape[1], self.dim
+        if self.fast and self.normalize != "frobenius" and x.shape[0] == buf.shape[0]:
+            # fast path: the GEMM accumulates straight into the buffer's X^T X block (no fresh d x d
+            # tensor, no extra add pass); twin: the general path below (tests/test_math_twins.py)
+            _add_gram_(buf[:, :d, :d], x, self.gram_block)
+            col = x.sum(dim=1)
+            buf[:, :d, d] += col
+            buf[:, d, :d] += col
+            buf[:, d, d] += float(n)
+            return
+        gram = torch.bmm(x.transpose(1, 2), x)  # (1 or G, d, d): one GEMM per group
+        col = x.sum(dim=1)  # (1 or G, d)
+        count = torch.full((x.shape[0],), float(n), dtype=self.dtype, device=x.device)
+        if self.normalize == "frobenius":
+            scale = torch.linalg.matrix_norm(gram).clamp_min(torch.finfo(self.dtype).tiny).reciprocal()
+            gram, col, count = gram * scale[:, None, None], col * scale[:, None], count * scale
+        buf[:, :d, :d] += gram
+        buf[:, :d, d] += col
+        buf[:, d, :d] += col
+        buf[:, d, d] += count
 
     @property
     def seen(self) -> bool:

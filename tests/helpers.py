@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -58,3 +62,18 @@ def train(opt, model, x, y, steps: int) -> tuple[float, float]:
     with torch.no_grad():
         last = (model(x) - y).square().mean().item()
     return first, last
+
+
+def spawn_ranks(worker: Callable[[int, str], None], tmp: Path, world: int) -> list[dict]:
+    """Run ``worker(rank, str(tmp))`` in ``world`` spawned processes (one OpenMP thread each) and load what
+    each saved to ``tmp/rank{r}.pt``."""
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        torch.multiprocessing.spawn(worker, args=(str(tmp),), nprocs=world, join=True)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -69,4 +69,4 @@ def test_state_dict_holds_projectors_and_memory_by_name():
     g = sd["gnsp"]
     assert set(g["blocks"]) == {"0", "2"} and set(g["projectors"]) == {"0", "2"}
     assert g["blocks"]["0"]["weight"] == "0.weight" and g["blocks"]["0"]["memory"].shape == (1, 9, 9)
-    assert g["format_version"] == 1 and g["tasks_seen"] == 1
+    assert g["format_version"] == 2 and g["tasks_seen"] == 1 and g["base_keys"] == "ids"

@@ -244,7 +244,7 @@ def test_d_ddp_checkpoint_loads_and_protects_in_a_single_process(run):
     assert not torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), r0["params"])
 
 
-# ---------------------------------------------------------------------------------------- FSDP: refused
+# ---------------------------------------------------------------------------------------- FSDP1: refused
 @pytest.fixture
 def single_rank_group(tmp_path):
     """A one-process gloo group in this process (FSDP and DTensor need one), destroyed afterwards."""
@@ -257,12 +257,13 @@ def single_rank_group(tmp_path):
         dist.destroy_process_group()
 
 
-def test_fsdp1_fsdp2_and_dtensor_parameters_are_refused_ddp_and_plain_pass(single_rank_group):
+def test_fsdp1_and_other_dtensor_placements_are_refused_fsdp2_ddp_and_plain_pass(single_rank_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from gnsp_optim.integrations.distributed import check_model_supported, is_sharded_parameter
+    from gnsp_optim.sharding import is_row_sharded
 
     def net() -> nn.Module:
         return nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -279,12 +280,15 @@ def test_fsdp1_fsdp2_and_dtensor_parameters_are_refused_ddp_and_plain_pass(singl
     mesh = init_device_mesh("cpu", (1,))
     fsdp2 = net()
     fully_shard(fsdp2, mesh=mesh)
-    with pytest.raises(TypeError, match="FSDP2 / fully_shard.*DTensor"):
-        check_model_supported(fsdp2)
+    check_model_supported(fsdp2)  # FSDP2: row-sharded DTensors, supported (tests/test_fsdp_optimizer.py)
+    assert all(is_row_sharded(p) for p in fsdp2.parameters())
 
-    tp = net()  # DTensor parameters without any FSDP module (tensor parallel style)
+    tp = net()  # DTensor parameters placed otherwise (tensor parallel style): refused, naming the parameter
     tp[0].weight = nn.Parameter(distribute_tensor(tp[0].weight.detach(), mesh, [Replicate()]))
-    with pytest.raises(TypeError, match=r"'0\.weight' is a DTensor"):
+    with pytest.raises(TypeError, match=r"'0\.weight' is a DTensor with placements \(Replicate\(\),\)"):
+        check_model_supported(tp)
+    tp[0].weight = nn.Parameter(distribute_tensor(tp[0].weight.detach().full_tensor(), mesh, [Shard(1)]))
+    with pytest.raises(TypeError, match=r"'0\.weight' is a DTensor with placements \(Shard\(dim=1\),\)"):
         check_model_supported(tp)
 
     plain = net()
