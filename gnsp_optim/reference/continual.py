@@ -76,7 +76,8 @@ class Method:
     divided by its Frobenius norm before each new task is added), ``"accumulate"`` = every task weighs the same.
     ``stats_batch_size``: batch of the statistics pass (the per-batch Frobenius rule depends on it).
     ``eval_templates``: ``"all"`` (the full ensemble) or ``"first_for_learnt"`` (the public code's rule:
-    already-learnt tasks scored with the first template only).
+    already-learnt tasks scored with the first template only). ``map_label_smoothing``: MAP's own smoothing
+    (``None``: ``label_smoothing``, the paper's 0.2).
 
     Example:
         >>> METHODS["gnsp+cd+map"].map_weight, METHODS["gnsp+cd+map"].stats_batch_size
@@ -98,6 +99,7 @@ class Method:
     train: bool = True
     eval_templates: str = "all"
     label_smoothing: float = 0.2
+    map_label_smoothing: float | None = None
     cd_temperature: float = 2.0
 
     def __post_init__(self) -> None:
@@ -130,7 +132,7 @@ class RunConfig:
     batch_size: int = 64
     ref_batch_size: int = 64
     warmup: int = 100
-    eval_batch_size: int = 500
+    eval_batch_size: int = 1000
     device: str = "cpu"
     workers: int = 0
     progress: bool = True
@@ -148,7 +150,8 @@ _OURS = dict(projection=True, mode="update", normalize="mean")
 
 #: Named presets. ``gnsp*`` without a suffix = the public code's choices (grad projection + AdamW, rho 0.15,
 #: the Frobenius accumulation with ``visual.proj``'s renormalised history, statistics batch 16);
-#: ``/update`` and ``/all`` are ours; ``/noproj`` and ``finetune/visual`` are ablations.
+#: ``/update`` and ``/all`` are ours; ``/noproj``, ``finetune/visual`` and ``/ls0`` (MAP without label
+#: smoothing) are ablations.
 METHODS: dict[str, Method] = {
     "zeroshot": Method("zeroshot", train=False),
     "finetune": Method("finetune"),
@@ -161,6 +164,8 @@ METHODS: dict[str, Method] = {
     "gnsp+cd+map": Method("gnsp+cd+map", cd_weight=1.0, map_weight=0.75, **_PAPER),
     "gnsp+cd+map/paper-eval": Method("gnsp+cd+map/paper-eval", cd_weight=1.0, map_weight=0.75,
                                      eval_templates="first_for_learnt", **_PAPER),
+    "gnsp+cd+map/ls0": Method("gnsp+cd+map/ls0", cd_weight=1.0, map_weight=0.75, map_label_smoothing=0.0,
+                              **_PAPER),
     "gnsp+cd+map/update": Method("gnsp+cd+map/update", cd_weight=1.0, map_weight=0.75, layers=_OUR_LAYERS,
                                  **_OURS),
     "gnsp+cd+map/all": Method("gnsp+cd+map/all", cd_weight=1.0, map_weight=0.75, layers=None, **_OURS),
@@ -560,7 +565,8 @@ def _train_task(model, tokenizer, task: ContinualTask, i: int, method: Method, o
                 f_i0, f_t0 = ref_features0[k]
                 loss = loss + method.cd_weight * cd_loss(f_i, f_t, f_i0, f_t0, scale, method.cd_temperature)
             if method.map_weight:
-                loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab, scale, method.label_smoothing)
+                eps = method.label_smoothing if method.map_label_smoothing is None else method.map_label_smoothing
+                loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab, scale, eps)
         if init_params is not None:
             l2 = sum(((p - init_params[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
             loss = loss + method.l2_weight * l2
