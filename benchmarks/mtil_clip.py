@@ -11,6 +11,7 @@ With ``--data-root DIR --clip PATH``: the real MTIL protocol (11 datasets, Order
     python benchmarks/mtil_clip.py                   # offline default (about 10 min on 2 CPU cores)
     python benchmarks/mtil_clip.py --quick           # the same pipeline, reduced (a smoke test, < 1 min)
     python benchmarks/mtil_clip.py --pretrain        # remake the tiny CLIP checkpoint (and its record)
+    python benchmarks/mtil_clip.py --merge a/results.json,b/results.json --out merged   # one table of both
     python benchmarks/mtil_clip.py --data-root /data --check-data
     python benchmarks/mtil_clip.py --data-root /data --clip ViT-B-16.pt --order I --methods gnsp+cd+map
 
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="with --pretrain: torch threads (default 1: on a shared 2-core machine two threads\n"
                         "measured 6x the CPU time per step of one)")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated results.json files of earlier runs (same tasks): re-aggregate them\n"
+                        "into --out (paired differences across runs) and print the table")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--data-root", default=None, help="real MTIL data root (see gnsp_optim/reference/data/LAYOUTS.md)")
     p.add_argument("--check-data", action="store_true", help="report which MTIL datasets are present and exit")
@@ -144,6 +148,18 @@ def _main(args, rank: int, world: int, log) -> int:
         return 0 if all(r.present for r in rows) else 1
     if args.pretrain:
         return pretrain(args, log)
+    if args.merge:
+        from gnsp_optim.reference.experiment import merge_results, write_outputs
+
+        if not args.out:
+            print("--merge needs --out DIR", file=sys.stderr)
+            return 2
+        payload = merge_results(args.merge.split(","))
+        write_outputs(args.out, payload, log=log)
+        log(format_table(payload))
+        for line in diagnostics(payload):
+            log(line)
+        return 0
     if args.data_root and not (args.clip or args.open_clip_model):
         print("the real MTIL run needs --clip PATH (OpenAI or open_clip ViT-B/16 weights) or --open-clip-model",
               file=sys.stderr)

@@ -248,3 +248,27 @@ def test_aggregate_computes_means_standard_errors_and_paired_differences():
     lines = diagnostics(p)
     assert lines[0] == "zero-shot vs chance: a 30.0 (50.0), b 60.0 (25.0), c 12.0 (10.0)"
     assert lines[1].startswith("finetune: learning 83.3") and "forgetting 20.0" in lines[1]
+
+
+def test_merge_results_pairs_methods_of_separate_runs(tmp_path):
+    from gnsp_optim.reference.experiment import aggregate, merge_results
+    from gnsp_optim.reference.metrics import continual_metrics
+
+    def res(matrix):
+        return {"matrix": matrix, **continual_metrics(matrix), "train_seconds": 1.0,
+                "alignment": [{"modality_gap": 0.3, "retrieval_R@1": 40.0}] * 3}
+
+    tasks = [{"name": "a", "n_test": 4, "chance": 50.0}, {"name": "b", "n_test": 4, "chance": 50.0}]
+    a = aggregate({"finetune": {1: res([[60.0, 50.0], [40.0, 80.0]]), 2: res([[70.0, 50.0], [50.0, 90.0]])}},
+                  tasks, {}, 1.0)
+    b = aggregate({"gnsp": {1: res([[60.0, 50.0], [55.0, 70.0]]), 2: res([[70.0, 50.0], [70.0, 80.0]])}},
+                  tasks, {}, 2.0)
+    for name, p in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(p))
+    merged = merge_results([tmp_path / "a.json", tmp_path / "b.json"])
+    assert set(merged["methods"]) == {"finetune", "gnsp"} and merged["seconds"] == 3.0
+    d = merged["methods"]["gnsp"]["vs_finetune"]  # last: seed 1 62.5 - 60, seed 2 75 - 70
+    assert d["last"] == pytest.approx(3.75) and d["last_se"] == pytest.approx(1.25) and d["seeds"] == 2
+    with pytest.raises(ValueError, match="other tasks"):
+        (tmp_path / "c.json").write_text(json.dumps({**b, "tasks": tasks[:1]}))
+        merge_results([tmp_path / "a.json", tmp_path / "c.json"])

@@ -34,7 +34,8 @@ from .continual import METHODS, ContinualTask, RunConfig, dist_info, run_continu
 from .files import atomic_write_text
 
 __all__ = ["DEFAULT_METHODS", "ExperimentSpec", "Setup", "aggregate", "diagnostics", "format_table",
-           "mtil_setup", "offline_setup", "paired_difference", "run_experiment", "run_jobs", "write_outputs"]
+           "merge_results", "mtil_setup", "offline_setup", "paired_difference", "run_experiment", "run_jobs",
+           "write_outputs"]
 
 CONFIGS = Path(__file__).with_name("configs")
 
@@ -262,15 +263,17 @@ def run_job(spec: ExperimentSpec, setup: Setup, method_name: str, seed: int, log
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(spec: ExperimentSpec) -> None:
+def _worker_init(spec: ExperimentSpec, parent: int) -> None:
     torch.set_num_threads(1)
-    try:  # die with the parent (a SIGKILLed run must leave no orphan writing into its folder)
+    try:  # die with the parent (a killed run must leave no orphan writing into its folder)
         import ctypes
         import signal
 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
     _WORKER["spec"], _WORKER["setup"] = spec, build_setup(spec)
 
 
@@ -327,7 +330,7 @@ def run_jobs(spec: ExperimentSpec, setup: Setup | None = None, log=print) -> dic
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                 initargs=(replace(spec, progress=False),)) as pool:
+                                 initargs=(replace(spec, progress=False), os.getpid())) as pool:
             futures = {pool.submit(_worker_job, m, s): (m, s) for m, s in jobs}
             for fut in as_completed(futures):
                 m, s = futures[fut]
@@ -580,6 +583,33 @@ def write_outputs(out: str, payload: dict[str, Any], log=print) -> None:
         plot(out, payload)
     except ImportError as err:
         log(f"(plots skipped: {err}; pip install matplotlib)")
+
+
+def merge_results(paths: Sequence[str | os.PathLike]) -> dict[str, Any]:
+    """One payload from several runs' ``results.json`` (same tasks; e.g. the default run and an ablation run of
+    the same code and seeds), re-aggregated so every method is paired with the baselines of any of them.
+
+    Example::
+
+        payload = merge_results(["results/final/results.json", "results/ablation/results.json"])
+    """
+    runs: dict[str, dict[int, dict]] = {}
+    tasks = None
+    configs = []
+    seconds = 0.0
+    for path in paths:
+        with open(path) as f:
+            p = json.load(f)
+        if tasks is not None and p["tasks"] != tasks:
+            raise ValueError(f"{path}: other tasks than the first file's; cannot merge")
+        tasks = p["tasks"]
+        configs.append(p["config"])
+        seconds += p["seconds"]
+        for name, m in p["methods"].items():
+            runs.setdefault(name, {})
+            for rec in m["seeds"]:
+                runs[name][rec["seed"]] = rec
+    return aggregate(runs, tasks, {"merged_from": [str(x) for x in paths], "configs": configs}, seconds)
 
 
 def run_experiment(spec: ExperimentSpec, log=print) -> dict[str, Any]:
