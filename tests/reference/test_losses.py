@@ -118,7 +118,8 @@ def test_map_loss_shares_mass_between_same_class_pairs():
     same = float(map_loss(img, txt, torch.tensor([0, 0]), 10.0, 0.0))
     different = float(map_loss(img, txt, torch.tensor([0, 1]), 10.0, 0.0))
     assert different < same
-    assert math.isclose(same, 0.5 * (math.log(math.exp(10) + 1) - 10) + 0.5 * math.log(math.exp(10) + 1),
+    # per direction: half the target on each pair (0.5 (log(e^10 + 1) - 10) + 0.5 log(e^10 + 1)); both summed
+    assert math.isclose(same, 2 * (0.5 * (math.log(math.exp(10) + 1) - 10) + 0.5 * math.log(math.exp(10) + 1)),
                         rel_tol=1e-6)
 
 
