@@ -47,3 +47,16 @@ def test_overhead_clip_step_quick_times_a_whole_training_step():
 
     if not torch.cuda.is_available():
         assert missing.returncode == 2 and "no CUDA device" in missing.stderr
+
+
+def test_modality_gap_experiment_quick_runs_every_loss_combination(tmp_path):
+    script = SCRIPT.parent / "modality_gap.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--seeds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=SCRIPT.parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    rows = json.loads((tmp_path / "gap.json").read_text())
+    assert set(rows) >= {"CE", "CE+CD", "CE+MAP", "CE+CD+MAP (the paper)"}
+    assert all(0 <= r["gap_after_task1"] <= 2 and r["seeds"] == [1] for r in rows.values())
+    assert "gap" in done.stdout and "CE+CD+MAP" in done.stdout

@@ -1,18 +1,21 @@
 r"""The MTIL continual loop for CLIP: the GNSP recipe (CE + CD + MAP) on top of :class:`NullSpaceOptimizer`.
 
-One :func:`run_continual` call trains one method through a sequence of tasks and evaluates zero-shot top-1 on
+One :func:`run_continual` call trains one method (a :class:`Method` record; the named presets are in
+:data:`METHODS`) through a sequence of tasks with one :class:`RunConfig`, and evaluates zero-shot top-1 on
 every task's test set after every task, giving the accuracy matrix ``R[i, j]`` (after task ``i``, test set
-``j``). Methods differ only by a :class:`Method` record; the named presets are in :data:`METHODS`.
+``j``), plus the modality gap and image<->text retrieval on a held-out paired set before the first task and
+after each one.
 
-Task 1 fine-tunes every parameter but ``logit_scale`` (GNSP's protocol); from task 2 on only the layer preset
-trains (GNSP's 25 visual tensors by default), through a ``NullSpaceOptimizer`` whose statistics are gathered
-on each finished task's training data. Checkpoints are written after every task and ``resume=True``
-continues from the last finished one with the same results as an uninterrupted run.
+Task 1 fine-tunes every parameter but ``logit_scale`` (GNSP's protocol; the logit scale stays at its
+pre-trained value throughout); from task 2 on only the method's layers train, through a
+``NullSpaceOptimizer`` whose statistics are gathered on each finished task's training data. Checkpoints are
+written after every task and ``RunConfig(resume=True)`` continues from the last finished one with the same
+results as an uninterrupted run.
 
 Example::
 
-    result = run_continual(model, tokenizer, tasks, METHODS["gnsp+cd+map"], reference=ref_set,
-                           out_dir="results/gnsp", seed=42)
+    result = run_continual(model, tokenizer, tasks, METHODS["gnsp+cd+map"], RunConfig(seed=1),
+                           references=[ref_task1, ref_task2, ...], pairs=caption_set)
     result["matrix"], result["average"], result["last"]
 """
 
@@ -24,7 +27,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -32,13 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..integrations._common import collect_batches
 from ..optimizer import NullSpaceOptimizer
 from ..selection import GNSP_CLIP_VISUAL, FeatureSource
+from .files import append_log, atomic_save, atomic_write_text
 from .losses import cd_loss, ce_loss, map_loss
 from .metrics import continual_metrics, modality_gap, retrieval_recall, zeroshot_classifier
 
-__all__ = ["ContinualTask", "Method", "METHODS", "run_continual", "atomic_save", "atomic_write_text",
-           "dist_info"]
+__all__ = ["ContinualTask", "Method", "METHODS", "RunConfig", "run_continual", "dist_info", "evaluate",
+           "alignment_metrics", "warmup_cosine", "with_overrides"]
 
 
 def _cls(t: torch.Tensor) -> torch.Tensor:
@@ -63,8 +69,19 @@ class Method:
     """How a method trains. ``projection=False`` trains plainly (fine-tune / baselines).
 
     ``layers``: parameter patterns trained after task 1 (``None``: every parameter but ``logit_scale``).
+    ``protect``: what the ``NullSpaceOptimizer`` protects (``None``: every layer it can among ``layers``:
+    Linear / attention / conv weights and biases, plus ``visual.proj`` and ``text_projection`` through feature
+    sources); parameters it cannot protect (LayerNorms, embeddings) are frozen after task 1.
+    ``visual_proj_history``: ``"renormalise"`` = the public code's rule for ``visual.proj`` (its memory is
+    divided by its Frobenius norm before each new task is added), ``"accumulate"`` = every task weighs the same.
+    ``stats_batch_size``: batch of the statistics pass (the per-batch Frobenius rule depends on it).
     ``eval_templates``: ``"all"`` (the full ensemble) or ``"first_for_learnt"`` (the public code's rule:
-    already-learnt tasks scored with the first template only).
+    already-learnt tasks scored with the first template only). ``map_label_smoothing``: MAP's own smoothing
+    (``None``: ``label_smoothing``, the paper's 0.2).
+
+    Example:
+        >>> METHODS["gnsp+cd+map"].map_weight, METHODS["gnsp+cd+map"].stats_batch_size
+        (0.75, 16)
     """
 
     name: str
@@ -76,51 +93,93 @@ class Method:
     map_weight: float = 0.0
     l2_weight: float = 0.0
     layers: tuple[str, ...] | None = None
+    protect: tuple[str, ...] | None = None
+    visual_proj_history: str = "accumulate"
+    stats_batch_size: int = 16
     train: bool = True
     eval_templates: str = "all"
     label_smoothing: float = 0.2
+    map_label_smoothing: float | None = None
     cd_temperature: float = 2.0
 
+    def __post_init__(self) -> None:
+        if self.visual_proj_history not in ("renormalise", "accumulate"):
+            raise ValueError(f"Method {self.name!r}: visual_proj_history must be 'renormalise' or 'accumulate', "
+                             f"got {self.visual_proj_history!r}")
+        if self.eval_templates not in ("all", "first_for_learnt"):
+            raise ValueError(f"Method {self.name!r}: eval_templates must be 'all' or 'first_for_learnt'")
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the method needs reference pairs (CD or MAP)."""
+        return bool(self.cd_weight or self.map_weight)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How one run is executed (the method says what is trained; this says batches, seed, files, device).
+
+    ``batch_size`` / ``ref_batch_size``: task and reference batch (GNSP: 64 + 64); ``warmup``: linear warm-up
+    steps of every task's schedule (then cosine to 0); ``eval_batch_size``: evaluation batch; ``out_dir``:
+    ``log.jsonl``, ``checkpoint.pt`` and ``results.json`` go there; ``resume`` continues from the checkpoint.
+
+    Example:
+        >>> RunConfig(seed=3).batch_size
+        64
+    """
+
+    seed: int = 42
+    batch_size: int = 64
+    ref_batch_size: int = 64
+    warmup: int = 100
+    eval_batch_size: int = 1000
+    device: str = "cpu"
+    workers: int = 0
+    progress: bool = True
+    out_dir: str | None = None
+    resume: bool = False
+
+
+_MLPS = ("visual.transformer.resblocks.*.mlp.c_fc.weight", "visual.transformer.resblocks.*.mlp.c_proj.weight")
 _PAPER_LAYERS = GNSP_CLIP_VISUAL
 _OUR_LAYERS = GNSP_CLIP_VISUAL + ("visual.transformer.resblocks.*.mlp.c_fc.bias",
                                   "visual.transformer.resblocks.*.mlp.c_proj.bias")
+_PAPER = dict(projection=True, layers=_PAPER_LAYERS, normalize="frobenius", visual_proj_history="renormalise",
+              stats_batch_size=16)
+_OURS = dict(projection=True, mode="update", normalize="mean")
 
-#: Named presets. ``paper`` = the public code's choices; ``.../update`` = ours: exact update projection,
-#: biases protected, plain (mean) covariance, the full template ensemble everywhere.
+#: Named presets. ``gnsp*`` without a suffix = the public code's choices (grad projection + AdamW, rho 0.15,
+#: the Frobenius accumulation with ``visual.proj``'s renormalised history, statistics batch 16);
+#: ``/update`` and ``/all`` are ours; ``/noproj``, ``finetune/visual`` and ``/ls0`` (MAP without label
+#: smoothing) are ablations.
 METHODS: dict[str, Method] = {
     "zeroshot": Method("zeroshot", train=False),
     "finetune": Method("finetune"),
+    "finetune/visual": Method("finetune/visual", layers=("visual.*",)),
     "l2init": Method("l2init", l2_weight=1.0),
     "finetune+cd": Method("finetune+cd", cd_weight=1.0),
-    "gnsp": Method("gnsp", projection=True, layers=_PAPER_LAYERS, normalize="frobenius"),
-    "gnsp+cd": Method("gnsp+cd", projection=True, layers=_PAPER_LAYERS, normalize="frobenius", cd_weight=1.0),
-    "gnsp+cd+map": Method("gnsp+cd+map", projection=True, layers=_PAPER_LAYERS, normalize="frobenius",
-                          cd_weight=1.0, map_weight=0.75),
-    "gnsp+cd+map/paper-eval": Method("gnsp+cd+map/paper-eval", projection=True, layers=_PAPER_LAYERS,
-                                     normalize="frobenius", cd_weight=1.0, map_weight=0.75,
-                                     eval_templates="first_for_learnt"),
-    "gnsp+cd+map/update": Method("gnsp+cd+map/update", projection=True, mode="update", layers=_OUR_LAYERS,
-                                 normalize="mean", cd_weight=1.0, map_weight=0.75),
+    "gnsp/noproj": Method("gnsp/noproj", layers=_PAPER_LAYERS),
+    "gnsp": Method("gnsp", **_PAPER),
+    "gnsp+cd": Method("gnsp+cd", cd_weight=1.0, **_PAPER),
+    "gnsp+cd+map": Method("gnsp+cd+map", cd_weight=1.0, map_weight=0.75, **_PAPER),
+    "gnsp+cd+map/paper-eval": Method("gnsp+cd+map/paper-eval", cd_weight=1.0, map_weight=0.75,
+                                     eval_templates="first_for_learnt", **_PAPER),
+    "gnsp+cd+map/ls0": Method("gnsp+cd+map/ls0", cd_weight=1.0, map_weight=0.75, map_label_smoothing=0.0,
+                              **_PAPER),
+    "gnsp+cd+map/update": Method("gnsp+cd+map/update", cd_weight=1.0, map_weight=0.75, layers=_OUR_LAYERS,
+                                 **_OURS),
+    "gnsp+cd+map/all": Method("gnsp+cd+map/all", cd_weight=1.0, map_weight=0.75, layers=None, **_OURS),
 }
 
 
-# ---------------------------------------------------------------------------------------------- files
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def with_overrides(method: Method, **kw: Any) -> Method:
+    """A copy of a preset with some fields changed (e.g. ``rho``).
 
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    Example:
+        >>> with_overrides(METHODS["gnsp"], rho=0.05).rho
+        0.05
+    """
+    return replace(method, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -154,46 +213,63 @@ def _average_gradients(params: list[torch.nn.Parameter]) -> None:
         p.grad.div_(world)
 
 
-# ---------------------------------------------------------------------------------------------- pieces
+# ---------------------------------------------------------------------------------------------- data
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``."""
+    """lr multiplier: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``.
+
+    Example:
+        >>> warmup_cosine(0, 10, 2), warmup_cosine(1, 10, 2)
+        (0.5, 1.0)
+    """
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _loader(ds: Dataset, batch: int, shuffle: bool, seed: int, workers: int = 0,
-            shard: bool = False) -> DataLoader:
-    """A loader; with ``shard=True`` under ``torch.distributed``, this rank's share (``DistributedSampler``)."""
-    rank, world = dist_info()
-    if shard and world > 1:
-        from torch.utils.data.distributed import DistributedSampler
+def _batches(ds: Dataset, batch: int, *, shuffle: bool, seed: int, workers: int = 0, shard: bool = False
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One pass over ``ds`` in batches; ``shard=True`` under ``torch.distributed`` gives this rank's share.
 
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                     drop_last=shuffle and len(ds) >= world * batch)
-        return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                          drop_last=shuffle and len(ds) // world > batch)
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch, shuffle=shuffle, generator=g, num_workers=workers,
-                      drop_last=shuffle and len(ds) > batch)
+    In-memory datasets with a ``batch(idx)`` method are sliced directly (no per-item Python work); others go
+    through a ``DataLoader``. Shuffled passes drop the last incomplete batch when there is more than one.
+    """
+    rank, world = dist_info() if shard else (0, 1)
+    n = len(ds)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    if world > 1:
+        order = order[rank::world]
+    if hasattr(ds, "batch"):
+        stops = range(0, len(order), batch)
+        for s in stops:
+            idx = order[s:s + batch]
+            if shuffle and len(idx) < batch and len(order) > batch:
+                break
+            yield ds.batch(idx)
+        return
+    subset = torch.utils.data.Subset(ds, order.tolist())
+    yield from DataLoader(subset, batch_size=batch, shuffle=False, num_workers=workers,
+                          drop_last=shuffle and len(order) > batch)
 
 
-def _cycle(loader: DataLoader):
+def _cycle(ds: Dataset, batch: int, seed: int, workers: int = 0, shard: bool = True):
     epoch = 0
     while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
+        yield from _batches(ds, batch, shuffle=True, seed=seed * 7919 + epoch, workers=workers, shard=shard)
         epoch += 1
 
 
+# ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model, tokenizer, tasks: Sequence[ContinualTask], device, batch: int = 256,
+def evaluate(model, tokenizer, tasks: Sequence[ContinualTask], device, batch: int = 500,
              learnt: int = -1, eval_templates: str = "all") -> list[float]:
     """Zero-shot top-1 (percent) on every task's test set.
 
     With ``eval_templates="first_for_learnt"``, tasks with index ``<= learnt`` use only their first template.
+
+    Example::
+
+        evaluate(model, tokenizer, tasks, "cpu")      # [acc on task 1, acc on task 2, ...]
     """
     model.eval()
     accs = []
@@ -201,33 +277,41 @@ def evaluate(model, tokenizer, tasks: Sequence[ContinualTask], device, batch: in
         templates = task.templates[:1] if (eval_templates == "first_for_learnt" and j <= learnt) else task.templates
         classifier = zeroshot_classifier(model, tokenizer, task.classnames, templates, device)
         correct = total = 0
-        for images, labels in _loader(task.test, batch, False, 0):
+        for images, labels in _batches(task.test, batch, shuffle=False, seed=0):
             feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
             pred = (feats @ classifier.T).argmax(-1).cpu()
-            correct += int((pred == labels).sum())
+            correct += int((pred == torch.as_tensor(labels)).sum())
             total += len(labels)
         accs.append(100.0 * correct / max(1, total))
     return accs
 
 
 @torch.no_grad()
-def alignment_metrics(model, tokenizer, pairs, device, batch: int = 256) -> dict[str, float]:
+def alignment_metrics(model, tokenizer, pairs, device, batch: int = 500) -> dict[str, float]:
     """Modality gap and image<->text retrieval R@1/5/10 on a paired set (``pairs[i] -> (image, _)``,
-    ``pairs.captions[i]``)."""
+    ``pairs.captions[i]``); ``retrieval_R@1`` is the mean of both directions.
+
+    Example::
+
+        alignment_metrics(model, tokenizer, caption_set, "cpu")["modality_gap"]
+    """
     if pairs is None:
         return {}
     model.eval()
     img, txt = [], []
     for start in range(0, len(pairs), batch):
-        idx = range(start, min(len(pairs), start + batch))
-        img.append(model.encode_image(torch.stack([pairs[i][0] for i in idx]).to(device)).float())
-        txt.append(model.encode_text(tokenizer([pairs.captions[i] for i in idx]).to(device)).float())
+        idx = torch.arange(start, min(len(pairs), start + batch))
+        images = pairs.batch(idx)[0] if hasattr(pairs, "batch") else torch.stack([pairs[int(i)][0] for i in idx])
+        img.append(model.encode_image(images.to(device)).float())
+        txt.append(model.encode_text(tokenizer([pairs.captions[int(i)] for i in idx]).to(device)).float())
     img, txt = torch.cat(img), torch.cat(txt)
     out = {"modality_gap": modality_gap(img, txt)}
     out.update(retrieval_recall(img, txt, ks=(1, 5, 10)))
+    out["retrieval_R@1"] = (out["image_to_text_R@1"] + out["text_to_image_R@1"]) / 2
     return out
 
 
+# ---------------------------------------------------------------------------------------------- the optimizer
 def _set_trainable(model, patterns: tuple[str, ...] | None) -> list[torch.nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
@@ -239,37 +323,105 @@ def _set_trainable(model, patterns: tuple[str, ...] | None) -> list[torch.nn.Par
     return params
 
 
+def _feature_sources(model) -> dict[str, FeatureSource]:
+    """Bare-matmul projections: ``visual.proj`` sees ``ln_post`` at CLS; ``text_projection`` sees ``ln_final``
+    (all positions kept by the text trimming: a superset of the EOT rows it multiplies, so still exact)."""
+    names = dict(model.named_parameters())
+    out = {}
+    if "visual.proj" in names:
+        out["visual.proj"] = FeatureSource("visual.ln_post", select=_cls)
+    if "text_projection" in names:
+        out["text_projection"] = FeatureSource("ln_final")
+    return out
+
+
+def _make_optimizer(model, method: Method, lr: float) -> NullSpaceOptimizer:
+    params = _set_trainable(model, method.layers)
+    base = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    protect = method.protect if method.protect is not None else method.layers
+    srcs = {k: v for k, v in _feature_sources(model).items()
+            if any(fnmatch.fnmatchcase(k, p) for p in protect or ("*",))}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="GNSP: .* not covered")
+        return NullSpaceOptimizer(base, model, rho=method.rho, mode=method.mode, protect=protect,
+                                  feature_sources=srcs, normalize=method.normalize, uncovered="freeze")
+
+
+def _renormalise_visual_proj_history(opt: NullSpaceOptimizer) -> None:
+    """The public code's ``visual.proj`` rule: its memory is divided by its Frobenius norm before a new task is
+    added (so older tasks weigh less there than in the MLPs). Done through the optimizer's public state dict."""
+    sd = opt.state_dict()
+    changed = False
+    for rec in sd["gnsp"]["blocks"].values():
+        if rec["weight"] == "visual.proj" and rec["memory"] is not None:
+            d = rec["dim"]
+            norm = torch.linalg.matrix_norm(rec["memory"][:, :d, :d]).clamp_min(1e-30)
+            rec["memory"] = rec["memory"] / norm[:, None, None]
+            changed = True
+    if changed:
+        opt.load_state_dict(sd)
+
+
+def _statistics_forward(model, item) -> None:
+    kind, x = item
+    if kind == "image":
+        model.encode_image(x)
+    else:
+        model.encode_text(x)
+
+
+def _statistics_inputs(tokenizer, task: ContinualTask, method: Method, device, workers: int):
+    """What the statistics pass feeds the model: the task's training images (this rank's share, batches of
+    ``stats_batch_size``), and when the preset trains the text tower, every template x class prompt."""
+    for x, _ in _batches(task.train, method.stats_batch_size, shuffle=False, seed=0, workers=workers, shard=True):
+        yield "image", x.to(device)
+    if method.layers is None or any(not p.startswith("visual.") for p in method.layers):
+        prompts = [t.format(c) for t in task.templates for c in task.classnames]
+        yield "text", tokenizer(prompts).to(device)
+
+
+def _gather_statistics(model, tokenizer, task: ContinualTask, method: Method, opt, device, workers: int):
+    """After a task: the statistics pass over its training data, then ``end_task()`` (the integrations' loop)."""
+    if opt is None:
+        opt = _make_optimizer(model, method, 1.0)
+    if method.visual_proj_history == "renormalise" and opt.tasks_seen > 0:
+        _renormalise_visual_proj_history(opt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="GNSP: .* not covered")
+        collect_batches(opt, model, _statistics_inputs(tokenizer, task, method, device, workers),
+                        _statistics_forward)
+        opt.end_task()
+    return opt
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 def run_continual(
     model: torch.nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
     tasks: Sequence[ContinualTask],
     method: Method,
+    config: RunConfig = RunConfig(),
     *,
-    reference: Dataset | None = None,
+    references: Sequence[Dataset] | Callable[[int], Dataset] | Dataset | None = None,
     pairs: Dataset | None = None,
-    out_dir: str | None = None,
-    resume: bool = False,
-    seed: int = 42,
-    batch_size: int = 64,
-    ref_batch_size: int = 64,
-    stats_batch_size: int = 64,
-    warmup: int = 100,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    workers: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``method`` through ``tasks``; return the accuracy matrix, Transfer / Average / Last and more.
 
-    ``reference``: dataset of reference images yielding ``(image, class index)`` with ``.class_captions``
-    (CD / MAP; MAP's soft targets share mass within a class).
+    ``references``: CD / MAP reference pairs, one dataset per task (a sequence, or a function of the task
+    index; a single dataset is used for every task); each yields ``(image, class index)`` and has
+    ``.class_captions`` (MAP's soft targets share mass within a class).
     ``pairs``: a held-out image-caption set for the modality gap and retrieval, measured before the first
-    task and after each. ``out_dir``: JSON lines per task (``log.jsonl``), a checkpoint after every task
-    (``checkpoint.pt``), ``results.json`` at the end; ``resume=True`` continues from the checkpoint.
+    task and after each. Files (``config.out_dir``): JSON lines per task (``log.jsonl``), a checkpoint after
+    every task (``checkpoint.pt``), ``results.json`` at the end.
+
+    Example::
+
+        run_continual(model, tok, tasks, METHODS["finetune"], RunConfig(seed=1, out_dir="results/ft"))
     """
-    if (method.cd_weight or method.map_weight) and reference is None:
-        raise ValueError(f"method {method.name!r} uses CD/MAP losses and needs a reference set")
+    if method.uses_reference and references is None:
+        raise ValueError(f"method {method.name!r} uses CD/MAP losses and needs reference pairs (references=)")
+    device = config.device
     model.to(device)
     initial = copy.deepcopy(model).eval() if (method.cd_weight or method.l2_weight) else None
     if initial is not None:
@@ -277,66 +429,71 @@ def run_continual(
             p.requires_grad_(False)
     t0 = time.time()
     matrix: list[list[float]] = []
-    align: list[dict[str, float]] = [alignment_metrics(model, tokenizer, pairs, device)]
+    align: list[dict[str, float]] = [alignment_metrics(model, tokenizer, pairs, device, config.eval_batch_size)]
     seconds: list[float] = []
     opt: NullSpaceOptimizer | None = None
     start_task = 0
+    out_dir = config.out_dir
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     is_main = dist_info()[0] == 0
     if out_dir and is_main:
         os.makedirs(out_dir, exist_ok=True)
-    if resume and ckpt_path and os.path.exists(ckpt_path):
+    identity = {"method": asdict(method), "tasks": [t.name for t in tasks], "seed": config.seed}
+    if config.resume and ckpt_path and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
-        if ckpt["method"] != asdict(method) or ckpt["tasks"] != [t.name for t in tasks]:
-            raise ValueError(f"{ckpt_path} was written by another method or task list; refusing to resume")
+        if ckpt.get("identity") != identity:
+            raise ValueError(f"{ckpt_path} was written by another method, seed or task list; refusing to resume")
         model.load_state_dict(ckpt["model"])
         matrix, align, seconds, start_task = ckpt["matrix"], ckpt["align"], ckpt["seconds"], ckpt["next_task"]
         if ckpt["opt"] is not None:
             opt = _make_optimizer(model, method, 1.0)
             opt.load_state_dict(ckpt["opt"])
         if is_main:
-            log(f"[{method.name}] resumed after task {start_task} of {len(tasks)}")
+            log(f"[{method.name} seed {config.seed}] resumed after task {start_task} of {len(tasks)}")
 
-    bar = _progress(progress and is_main, total=sum(t.iterations for t in tasks[start_task:]) if method.train else 0,
-                    desc=method.name)
+    bar = _progress(config.progress and is_main,
+                    total=sum(t.iterations for t in tasks[start_task:]) if method.train else 0,
+                    desc=f"{method.name} s{config.seed}")
     for i in range(start_task, len(tasks)):
         task = tasks[i]
         t_task = time.time()
         if method.train:
-            opt = _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed, batch_size,
-                              ref_batch_size, warmup, device, bar, workers)
+            ref = _reference_for(references, i) if method.uses_reference else None
+            _train_task(model, tokenizer, task, i, method, opt, initial, ref, config, bar)
         seconds.append(time.time() - t_task)
-        row = evaluate(model, tokenizer, tasks, device, learnt=i, eval_templates=method.eval_templates)
+        if method.train or not matrix:
+            row = evaluate(model, tokenizer, tasks, device, config.eval_batch_size, learnt=i,
+                           eval_templates=method.eval_templates)
+            align.append(alignment_metrics(model, tokenizer, pairs, device, config.eval_batch_size))
+        else:  # an untrained model gives the same numbers after every task: measured once
+            row, _ = list(matrix[-1]), align.append(dict(align[-1]))
         matrix.append(row)
-        align.append(alignment_metrics(model, tokenizer, pairs, device))
         if method.projection and method.train and i < len(tasks) - 1:
-            opt = _gather_statistics(model, task, method, opt, stats_batch_size, device, workers)
+            opt = _gather_statistics(model, tokenizer, task, method, opt, device, config.workers)
         record = {"task": i, "name": task.name, "accuracy": row, "train_seconds": seconds[-1], **align[-1]}
         if out_dir and is_main:  # checkpoint first: a kill between the two writes re-runs this task on resume
-            atomic_save({"method": asdict(method), "tasks": [t.name for t in tasks], "model": model.state_dict(),
+            atomic_save({"identity": identity, "model": model.state_dict(),
                          "opt": None if opt is None else opt.state_dict(), "matrix": matrix, "align": align,
                          "seconds": seconds, "next_task": i + 1}, ckpt_path)
-            _append_log(os.path.join(out_dir, "log.jsonl"), record, keep_before=i)
+            append_log(os.path.join(out_dir, "log.jsonl"), record, keep_before=i)
         _barrier()
     if bar is not None:
         bar.close()
     metrics = continual_metrics(torch.tensor(matrix)) if len(matrix) > 1 else {
         "transfer": float("nan"), "average": matrix[0][0], "last": matrix[0][0]}
-    result = {"method": method.name, "matrix": matrix, **metrics, "alignment": align,
+    result = {"method": method.name, "seed": config.seed, "matrix": matrix, **metrics, "alignment": align,
               "train_seconds": sum(seconds), "wall_seconds": time.time() - t0, "config": asdict(method)}
     if out_dir and is_main:
         atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=2))
     return result
 
 
-def _append_log(path: str, record: dict, keep_before: int) -> None:
-    """Append one JSON line, first dropping lines of tasks >= ``keep_before`` left by a killed run."""
-    lines = []
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = [ln for ln in f.read().splitlines() if ln.strip() and json.loads(ln)["task"] < keep_before]
-    lines.append(json.dumps(record))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def _reference_for(references, i: int):
+    if callable(references) and not isinstance(references, Dataset):
+        return references(i)
+    if isinstance(references, Sequence) and not isinstance(references, Dataset):
+        return references[i]
+    return references
 
 
 def _progress(enabled: bool, total: int, desc: str):
@@ -349,38 +506,10 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _feature_sources(model) -> dict[str, FeatureSource]:
-    names = dict(model.named_parameters())
-    return {"visual.proj": FeatureSource("visual.ln_post", select=_cls)} if "visual.proj" in names else {}
-
-
-def _make_optimizer(model, method: Method, lr: float) -> NullSpaceOptimizer:
-    params = _set_trainable(model, method.layers)
-    base = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    srcs = {k: v for k, v in _feature_sources(model).items()
-            if any(fnmatch.fnmatchcase(k, p) for p in method.layers or ("*",))}
-    return NullSpaceOptimizer(base, model, rho=method.rho, mode=method.mode, protect=method.layers,
-                              feature_sources=srcs, normalize=method.normalize, uncovered="freeze")
-
-
-def _gather_statistics(model, task: ContinualTask, method: Method, opt, batch: int, device, workers: int):
-    if opt is None:
-        opt = _make_optimizer(model, method, 1.0)
-    model.eval()
-    with opt.collect(), torch.no_grad():
-        for images, _ in _loader(task.train, batch, False, 0, workers, shard=True):  # end_task all-reduces
-            model.encode_image(images.to(device))
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="GNSP: .* not covered")
-        opt.end_task()
-    return opt
-
-
-def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed, batch_size, ref_batch_size,
-                warmup, device, bar, workers):
-    torch.manual_seed(seed + 1000 * i)
+def _train_task(model, tokenizer, task: ContinualTask, i: int, method: Method, opt, initial, reference,
+                config: RunConfig, bar) -> None:
+    device = config.device
+    torch.manual_seed(config.seed * 1000 + i)
     projecting = method.projection and i > 0
     if projecting:
         if opt is None:
@@ -391,25 +520,23 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
     else:
         optimizer = torch.optim.AdamW(_set_trainable(model, None if i == 0 else method.layers), lr=task.lr,
                                       betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    init_params = None
-    if method.l2_weight:
-        init_params = {n: p for n, p in initial.named_parameters()}
+    init_params = {n: p for n, p in initial.named_parameters()} if method.l2_weight else None
     prompts = tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
-    data = _cycle(_loader(task.train, batch_size, True, seed + i, workers, shard=True))
+    data = _cycle(task.train, config.batch_size, config.seed * 100 + i, config.workers, shard=True)
     trained = [p for p in model.parameters() if p.requires_grad]
-    ref_loader = _loader(reference, ref_batch_size, False, 0, workers) if reference is not None else None
-    ref_iter = _cycle(ref_loader) if ref_loader is not None else None
-    # reference items are (image, class index); class k is captioned reference.class_captions[k]
-    ref_tokens = tokenizer(list(reference.class_captions)).to(device) if reference is not None else None
-    # the frozen initial model's reference features never change and the reference batches cycle in a fixed
-    # order: compute them once per task (same batches, same numbers) instead of once per step
+    ref_batches = ref_tokens = None
+    if reference is not None:
+        # reference items are (image, class index); class k is captioned reference.class_captions[k];
+        # batches cycle in a fixed order, so the frozen initial model's features are computed once per task
+        ref_batches = list(_batches(reference, config.ref_batch_size, shuffle=False, seed=0))
+        ref_tokens = tokenizer(list(reference.class_captions)).to(device)
     ref_features0 = None
-    if method.cd_weight and ref_loader is not None:
+    if method.cd_weight and ref_batches is not None:
         with torch.no_grad():
             ref_features0 = [(initial.encode_image(img.to(device)), initial.encode_text(ref_tokens[lab.to(device)]))
-                             for img, lab in ref_loader]
+                             for img, lab in ref_batches]
     model.train()
-    scale = model.logit_scale.exp().detach()
+    scale = model.logit_scale.exp().detach()  # frozen at its pre-trained value (CLIP's 100 in the paper)
     # when no text-tower parameter trains (GNSP's visual layer preset), text features are constants of the task:
     # encode the class prompts and the reference captions once instead of every step (same numbers)
     text_frozen = not any(p.requires_grad for n, p in model.named_parameters()
@@ -418,28 +545,28 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
     if text_frozen:
         with torch.no_grad():
             prompt_features = model.encode_text(prompts)
-            if (method.cd_weight or method.map_weight) and ref_tokens is not None:
+            if ref_tokens is not None:
                 ref_text_features = torch.cat([model.encode_text(ref_tokens[k:k + 256])
                                                for k in range(0, len(ref_tokens), 256)])
     for step in range(task.iterations):
         for g in optimizer.param_groups:
-            g["lr"] = task.lr * warmup_cosine(step, task.iterations, warmup)
+            g["lr"] = task.lr * warmup_cosine(step, task.iterations, config.warmup)
         images, labels = next(data)
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device), torch.as_tensor(labels).to(device)
         text = prompt_features if text_frozen else model.encode_text(prompts)
         loss = ce_loss(model.encode_image(images), text, labels, scale, method.label_smoothing)
-        if method.cd_weight or method.map_weight:
-            r_img, r_lab = next(ref_iter)
-            ref_batch = step % len(ref_features0) if ref_features0 is not None else 0
-            r_img, r_lab = r_img.to(device), r_lab.to(device)
+        if ref_batches is not None:
+            k = step % len(ref_batches)
+            r_img, r_lab = ref_batches[k]
+            r_img, r_lab = r_img.to(device), torch.as_tensor(r_lab).to(device)
             f_i = model.encode_image(r_img)
             f_t = ref_text_features[r_lab] if text_frozen else model.encode_text(ref_tokens[r_lab])
             if method.cd_weight:
-                f_i0, f_t0 = ref_features0[ref_batch]
+                f_i0, f_t0 = ref_features0[k]
                 loss = loss + method.cd_weight * cd_loss(f_i, f_t, f_i0, f_t0, scale, method.cd_temperature)
             if method.map_weight:
-                loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab, scale,
-                                                           method.label_smoothing)
+                eps = method.label_smoothing if method.map_label_smoothing is None else method.map_label_smoothing
+                loss = loss + method.map_weight * map_loss(f_i, f_t, r_lab, scale, eps)
         if init_params is not None:
             l2 = sum(((p - init_params[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
             loss = loss + method.l2_weight * l2
@@ -450,10 +577,3 @@ def _train_task(model, tokenizer, task, i, method, opt, initial, reference, seed
         if bar is not None:
             bar.update(1)
             bar.set_postfix(task=task.name, loss=f"{loss.item():.3f}", refresh=False)
-    return opt
-
-
-def with_overrides(method: Method, **kw: Any) -> Method:
-    """A copy of a preset with some fields changed (e.g. ``rho``)."""
-    return replace(method, **kw)
-

@@ -64,8 +64,9 @@ def map_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: 
              logit_scale: torch.Tensor | float, label_smoothing: float = 0.2) -> torch.Tensor:
     r"""Modality alignment preservation: symmetric InfoNCE with same-class soft targets.
 
-    ``Q_kj = 1[y_k = y_j] / sum_j 1[y_k = y_j]``, smoothed ``Q (1 - eps) + eps / B``; the loss is the mean of the
-    image->text and text->image soft-target cross-entropies of ``s f_I f_T^T``.
+    ``Q_kj = 1[y_k = y_j] / sum_j 1[y_k = y_j]``, smoothed ``Q (1 - eps) + eps / B``; the loss is the **sum** of
+    the image->text and text->image soft-target cross-entropies of ``s f_I f_T^T`` (method.md sec. 2: both
+    directions, each at MAP's weight; the public code adds them).
 
     Example:
         >>> f = torch.randn(4, 8)
@@ -77,7 +78,7 @@ def map_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: 
     targets = same / same.sum(dim=1, keepdim=True)
     image_to_text = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     text_to_image = F.cross_entropy(logits.T, targets.T, label_smoothing=label_smoothing)
-    return (image_to_text + text_to_image) / 2
+    return image_to_text + text_to_image
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,4 +146,4 @@ def map_loss_reference(image_features: torch.Tensor, text_features: torch.Tensor
         for j in range(batch):
             q = (1.0 if y[j] == y[k] else 0.0) / count
             targets[k, j] = q * (1 - label_smoothing) + label_smoothing / batch
-    return (_soft_cross_entropy_reference(logits, targets) + _soft_cross_entropy_reference(logits.T, targets.T)) / 2
+    return _soft_cross_entropy_reference(logits, targets) + _soft_cross_entropy_reference(logits.T, targets.T)

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .data.images import CLIP_MEAN, CLIP_STD, CLIPImageTransform  # the one copy of CLIP's transform
+
+__all__ = ["CLIP", "CLIPConfig", "CLIP_MEAN", "CLIP_STD", "create_open_clip", "infer_config", "load_clip_state_dict",
+           "make_preprocess", "open_clip_as_reference", "preprocess_image"]
 
 
 @dataclass
@@ -340,44 +342,72 @@ def create_open_clip(name: str, pretrained: str | None = None) -> tuple[nn.Modul
 
 
 def preprocess_image(image: Any, image_size: int) -> torch.Tensor:
-    """CLIP's eval transform without torchvision: ``(3, S, S)`` float tensor.
-
-    Resize the shorter side to ``S`` (bicubic; the long side is truncated like torchvision's), center crop
-    (torchvision's rounding), convert to RGB, scale to [0, 1], normalise with CLIP mean/std. The RGB
-    conversion comes after resizing, as in OpenAI CLIP and open_clip, so outputs match theirs.
+    """CLIP's eval transform without torchvision: ``(3, S, S)`` float tensor (:class:`CLIPImageTransform`).
 
     Example:
         >>> from PIL import Image
         >>> preprocess_image(Image.new("RGB", (64, 48)), 32).shape
         torch.Size([3, 32, 32])
     """
-    try:
-        from PIL import Image
-    except ImportError as err:
-        raise ImportError("preprocess_image needs Pillow: pip install gnsp_optim[reference]") from err
-    import numpy as np
-
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    new_long = int(image_size * long / short)
-    new_size = (image_size, new_long) if width <= height else (new_long, image_size)
-    if new_size != (width, height):
-        image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
-    width, height = image.size
-    left, top = round((width - image_size) / 2.0), round((height - image_size) / 2.0)
-    image = image.crop((left, top, left + image_size, top + image_size)).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (pixels - mean) / std
+    return CLIPImageTransform(image_size)(image)
 
 
 def make_preprocess(image_size: int) -> Callable[[Any], torch.Tensor]:
-    """``image -> preprocess_image(image, image_size)`` as a picklable callable.
+    """``image -> preprocess_image(image, image_size)`` as a picklable callable (a :class:`CLIPImageTransform`).
 
     Example:
         >>> transform = make_preprocess(224)  # use as a dataset transform
     """
-    from functools import partial
+    return CLIPImageTransform(image_size)
 
-    return partial(preprocess_image, image_size=image_size)
+
+class _OpenCLIPTokenizer:
+    """An open_clip tokenizer as a ``texts -> (N, L) LongTensor`` callable with ``vocab_size``."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+
+    def __call__(self, texts: Any) -> torch.Tensor:
+        return self.tokenizer(list(texts) if not isinstance(texts, str) else [texts])
+
+
+def open_clip_as_reference(name: str, pretrained: str | None = None) -> tuple[CLIP, Callable]:
+    """An open_clip model (random init, or local weights ``pretrained``) converted into this package's
+    :class:`CLIP` (same parameter names, strict load), with open_clip's own tokenizer.
+
+    open_clip's ``CLIP`` stores exactly the tensors of OpenAI's layout; this loads them into the reference model
+    (so the loop, the presets and the feature sources are the ones tested here) and checks on a random batch
+    that both compute the same features.
+
+    ``name`` may also be the path of an open_clip model-config JSON file (registered under its file stem), e.g.
+    a tiny architecture for tests.
+
+    Example:
+        >>> model, tok = open_clip_as_reference("ViT-B-16")  # doctest: +SKIP
+    """
+    if str(name).endswith(".json"):
+        import open_clip
+
+        open_clip.add_model_config(str(name))
+        name = Path(name).stem
+    oc_model, oc_tok, _ = create_open_clip(name, pretrained)
+    cfg = getattr(oc_model, "visual", None)
+    heads = getattr(getattr(cfg, "transformer", None), "resblocks", [None])[0]
+    v_heads = heads.attn.num_heads if heads is not None else None
+    t_heads = oc_model.transformer.resblocks[0].attn.num_heads
+    quick = isinstance(oc_model.transformer.resblocks[0].mlp.gelu, nn.Module) and \
+        type(oc_model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    model = load_clip_state_dict(oc_model.state_dict(), vision_heads=v_heads, text_heads=t_heads, quick_gelu=quick)
+    model.eval()
+    oc_model.eval()
+    size = model.config.image_size
+    with torch.no_grad():
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        tokens = oc_tok(["a photo of a cat.", "a diagram"])
+        ours = (model.encode_image(x), model.encode_text(tokens))
+        theirs = (oc_model.encode_image(x), oc_model.encode_text(tokens))
+    for a, b, what in ((ours[0], theirs[0], "image"), (ours[1], theirs[1], "text")):
+        if not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
+            raise ValueError(f"open_clip {name}: {what} features differ from the reference model's by "
+                             f"{float((a - b).abs().max()):.2e}")
+    return model, _OpenCLIPTokenizer(oc_tok, model.config.vocab_size)

@@ -51,6 +51,9 @@ __all__ = [
     "all_texts",
     "build_caption_set",
     "build_pretraining_pairs",
+    "build_reference_set",
+    "reference_caption",
+    "reference_classnames",
     "build_tasks",
     "load_animals_source",
     "load_digits_source",
@@ -251,9 +254,10 @@ def load_animals_source() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.copy()), torch.from_numpy(y.copy())
 
 
-_SPLIT_FRACTIONS = {  # task_train, task_test, pretrain, caption (per class; rest goes to pretrain)
-    "digits": (0.45, 0.25, 0.20, 0.10),
-    "animals": (0.40, 0.15, 0.35, 0.10),
+_SPLIT_KEYS = ("task_train", "task_test", "pretrain", "caption", "reference")
+_SPLIT_FRACTIONS = {  # task_train, task_test, caption, reference (per class); the rest goes to pretrain
+    "digits": (0.40, 0.25, 0.08, 0.10),
+    "animals": (0.35, 0.15, 0.08, 0.10),
 }
 
 
@@ -261,8 +265,10 @@ _SPLIT_FRACTIONS = {  # task_train, task_test, pretrain, caption (per class; res
 def real_source_split(source: str) -> dict[str, torch.Tensor]:
     """Fixed stratified split of a real source into disjoint index sets.
 
-    Keys ``task_train``, ``task_test``, ``pretrain``, ``caption``; each a sorted-by-class, shuffled-within-class
-    ``int64`` index tensor into the source. The split uses a constant seed, so every product agrees on it.
+    Keys ``task_train``, ``task_test``, ``pretrain``, ``caption`` (held-out pairs for retrieval and the
+    modality gap) and ``reference`` (the CD / MAP reference pairs: never pre-trained on, like GNSP's ImageNet
+    images); each a sorted-by-class, shuffled-within-class ``int64`` index tensor into the source. The split
+    uses a constant seed, so every product agrees on it.
 
     Example:
         >>> s = real_source_split("digits")
@@ -274,16 +280,17 @@ def real_source_split(source: str) -> dict[str, torch.Tensor]:
     _, y = load_digits_source() if source == "digits" else load_animals_source()
     fr = _SPLIT_FRACTIONS[source]
     g = _gen(SPLIT_SEED, "split", source)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("task_train", "task_test", "pretrain", "caption")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in _SPLIT_KEYS}
     for c in range(int(y.max()) + 1):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         n = len(idx)
-        a, b, d = round(fr[0] * n), round(fr[1] * n), round(fr[3] * n)
+        a, b, d, e = (round(f * n) for f in fr)
         parts["task_train"].append(idx[:a])
         parts["task_test"].append(idx[a:a + b])
         parts["caption"].append(idx[a + b:a + b + d])
-        parts["pretrain"].append(idx[a + b + d:])
+        parts["reference"].append(idx[a + b + d:a + b + d + e])
+        parts["pretrain"].append(idx[a + b + d + e:])
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -718,8 +725,14 @@ def _caption_single(s: str, c: str, z: str, pos: str | None, r: float) -> str:
     return opts[int(r * len(opts))]
 
 
-def _caption_counts(k: int, s: str, sp: str, c: str, r: float) -> str:
+def _caption_counts(k: int, s: str, sp: str, c: str, r: float, mixed: bool = False) -> str:
     w = DIGIT_WORDS[k]
+    if mixed:  # task-style count scenes mix shapes and colours: only the number can be said
+        shp = "shape" if k == 1 else "shapes"
+        there = "there is" if k == 1 else "there are"
+        opts = [f"{w} {shp}.", f"{there} {w} {shp}.", f"a picture of {w} {shp}.", f"exactly {w} {shp}.",
+                f"{w} different {shp}.", f"an image with {w} {shp}."]
+        return opts[int(r * len(opts))]
     noun, shp = (s, "shape") if k == 1 else (sp, "shapes")
     there = "there is" if k == 1 else "there are"
     opts = [f"{w} {c} {noun}.", f"{w} {shp}.", f"{there} {w} {shp}.", f"a picture of {w} {noun}.",
@@ -742,60 +755,123 @@ _MIX = [("digits", 0.16), ("animals", 0.16), ("single", 0.18), ("positioned", 0.
         ("textures", 0.20)]
 
 
-def _corpus(purpose: str, size: int, seed: int, n: int, substitute_missing: bool
+# which task's templates may caption an image of each corpus kind, and the attribute naming the class
+_TEMPLATE_TASKS = {"digits": [("digits", "label")], "animals": [("animals", "label")],
+                   "single": [("shapes", "kind"), ("colors", "color")], "positioned": [("positions", "position")],
+                   "counts": [("counts", "count")], "textures": [("textures", "kind")]}
+# the class of a reference image (GNSP captions ImageNet images "a photo of a/an {first class name}")
+_REFERENCE_CLASS = {"digits": ("label", lambda v: f"digit {DIGIT_WORDS[v]}"), "animals": ("label", ANIMALS.__getitem__),
+                    "single": ("kind", SHAPES.__getitem__), "positioned": ("kind", SHAPES.__getitem__),
+                    "counts": ("count", lambda v: "single shape" if v == 1 else f"group of {DIGIT_WORDS[v]} shapes"),
+                    "textures": ("kind", lambda v: f"{TEXTURES[v]} texture")}
+
+
+def reference_caption(classname: str) -> str:
+    """GNSP's reference caption, ``"a photo of a/an {classname}."``.
+
+    Example:
+        >>> reference_caption("elephant"), reference_caption("digit two")
+        ('a photo of an elephant.', 'a photo of a digit two.')
+    """
+    return f"a photo of {_article(classname)} {classname}."
+
+
+def reference_classnames() -> list[str]:
+    """Every class a reference caption can name, sorted (what :func:`build_reference_set` captions say).
+
+    Example:
+        >>> "digit seven" in reference_classnames(), "single shape" in reference_classnames()
+        (True, True)
+    """
+    names = ([f"digit {w}" for w in DIGIT_WORDS] + ANIMALS + SHAPES + ["single shape"]
+             + [f"group of {w} shapes" for w in DIGIT_WORDS[2:6]] + [f"{t} texture" for t in TEXTURES])
+    return sorted(names)
+
+
+def _template_caption(kind: str, at: dict[str, torch.Tensor], i: int, g: torch.Generator) -> str:
+    options = _TEMPLATE_TASKS[kind]
+    task, key = options[int(torch.randint(0, len(options), (1,), generator=g))]
+    value = int(at[key][i]) - (1 if key == "count" else 0)
+    templates = _TEMPLATES[task]
+    template = templates[int(torch.randint(0, len(templates), (1,), generator=g))]
+    return template.format(_CLASSNAMES[task][value])
+
+
+def _corpus(purpose: str, size: int, seed: int, n: int, substitute_missing: bool, style: str = "plain",
+            shift: float = 0.0, template_share: float = 0.0
             ) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor | list[str]]]:
+    """``purpose``: ``pretrain`` / ``caption`` / ``reference`` (the real-source share used and the random stream).
+
+    ``style="task"`` renders as the tasks do (``shift``); ``template_share`` of the captions are a task prompt
+    template filled with the image's class; ``purpose="reference"`` captions every image with
+    :func:`reference_caption` of its class instead.
+    """
     have_animals = animals_available()
     if not have_animals and not substitute_missing:
         raise ImportError(f"the pre-training corpus needs the animal-mnist silhouettes: {ANIMAL_MNIST_HINT}")
+    if purpose not in ("pretrain", "caption", "reference"):
+        raise ValueError(f"unknown corpus purpose {purpose!r}")
     mix = [(k, w) for k, w in _MIX if have_animals or k != "animals"]
     tot = sum(w for _, w in mix)
     counts = [int(n * w / tot) for _, w in mix]
     counts[-1] = n - sum(counts[:-1])
     imgs, caps, srcs, sidx = [], [], [], []
-    split_key = "pretrain" if purpose == "pretrain" else "caption"
-    for (kind, _), m in zip(mix, counts):
+    task_style = style == "task"
+    tag = purpose if not task_style else f"{purpose}/task"
+    for (kind, _), m in zip(mix, counts, strict=True):
         if m == 0:
             continue
-        g = _gen(seed, purpose, kind)
+        g = _gen(seed, tag, kind)
         rr = torch.rand(m, generator=g).tolist()
         if kind in ("digits", "animals"):
-            pool = real_source_split(kind)[split_key]
+            pool = real_source_split(kind)[purpose]
             idx = pool[torch.randint(0, len(pool), (m,), generator=g)]
-            im, at = _scene_sprites(kind, idx, size, "plain", 0.0, g)
+            im, at = _scene_sprites(kind, idx, size, style, shift, g)
             words = DIGIT_WORDS if kind == "digits" else ANIMALS
             fn = _caption_digit if kind == "digits" else _caption_animal
-            caps += [fn(words[y], COLORS[c], r) for y, c, r in zip(at["label"].tolist(), at["color"].tolist(), rr)]
+            kc = [fn(words[y], COLORS[c], r) for y, c, r in zip(at["label"].tolist(), at["color"].tolist(), rr,
+                                                                 strict=True)]
             sidx.append(idx)
         elif kind in ("single", "positioned"):
             pos = _pick(m, len(POSITIONS), g) if kind == "positioned" else None
-            im, at = _scene_single(m, size, "plain", 0.0, g, position=pos)
+            sc = _pick(m, 2, g) + 1 if (task_style and pos is None) else None
+            im, at = _scene_single(m, size, style, shift, g, position=pos, size_class=sc)
             ps = at["position"].tolist()
-            caps += [_caption_single(SHAPES[s], COLORS[c], SIZES[z], _POSITION_PHRASES[p] if p >= 0 else None, r)
-                     for s, c, z, p, r in zip(at["kind"].tolist(), at["color"].tolist(), at["size"].tolist(), ps,
-                                              rr)]
+            kc = [_caption_single(SHAPES[s], COLORS[c], SIZES[z], _POSITION_PHRASES[p] if p >= 0 else None, r)
+                  for s, c, z, p, r in zip(at["kind"].tolist(), at["color"].tolist(), at["size"].tolist(), ps, rr,
+                                           strict=True)]
             sidx.append(torch.full((m,), -1))
         elif kind == "counts":
-            im, at = _scene_counts(m, size, "plain", 0.0, g)
-            caps += [_caption_counts(k, SHAPES[s], SHAPE_PLURALS[s], COLORS[c], r)
-                     for k, s, c, r in zip(at["count"].tolist(), at["kind"].tolist(), at["color"].tolist(), rr)]
+            im, at = _scene_counts(m, size, style, shift, g)
+            kc = [_caption_counts(k, SHAPES[s], SHAPE_PLURALS[s], COLORS[c], r, mixed=task_style)
+                  for k, s, c, r in zip(at["count"].tolist(), at["kind"].tolist(), at["color"].tolist(), rr,
+                                        strict=True)]
             sidx.append(torch.full((m,), -1))
         else:
-            im, at = _scene_textures(m, size, "plain", 0.0, g)
-            caps += [_caption_texture(t, COLORS[c], COLORS[c2] if c2 >= 0 else None, r)
-                     for t, c, c2, r in zip(at["kind"].tolist(), at["color"].tolist(), at["color2"].tolist(), rr)]
+            im, at = _scene_textures(m, size, style, shift, g)
+            kc = [_caption_texture(t, COLORS[c], COLORS[c2] if c2 >= 0 else None, r)
+                  for t, c, c2, r in zip(at["kind"].tolist(), at["color"].tolist(), at["color2"].tolist(), rr,
+                                         strict=True)]
             sidx.append(torch.full((m,), -1))
+        if purpose == "reference":
+            key, name = _REFERENCE_CLASS[kind]
+            kc = [reference_caption(name(int(v))) for v in at[key].tolist()]
+        elif template_share > 0:
+            use = (torch.rand(m, generator=g) < template_share).tolist()
+            kc = [_template_caption(kind, at, i, g) if u else c for i, (u, c) in enumerate(zip(use, kc, strict=True))]
+        caps += kc
         imgs.append(im)
         srcs += [kind] * m
     images = torch.cat(imgs)
     source_index = torch.cat(sidx)
-    perm = torch.randperm(n, generator=_gen(seed, purpose, "shuffle"))
+    perm = torch.randperm(n, generator=_gen(seed, tag, "shuffle"))
     meta = {"source": [srcs[i] for i in perm.tolist()], "source_index": source_index[perm]}
     return images[perm], [caps[i] for i in perm.tolist()], meta
 
 
 def build_pretraining_pairs(
     image_size: int = 32, seed: int = 0, n: int = 20000, substitute_missing: bool = False,
-    return_meta: bool = False,
+    return_meta: bool = False, style: str = "plain", shift: float = 1.0, template_share: float = 0.0,
 ):
     """Image-caption pairs for contrastive pre-training of a tiny CLIP.
 
@@ -808,12 +884,22 @@ def build_pretraining_pairs(
     With ``return_meta=True`` also returns ``{'source': list[str], 'source_index': int64 tensor}``
     (``-1`` for procedural images).
 
+    ``style="task"`` renders the same kinds of scene the way the tasks are rendered (backgrounds, noise,
+    rotations at ``shift``; count scenes with mixed shapes), still from the ``pretrain`` share and its own
+    random stream; ``template_share`` of the captions are then one of the tasks' prompt templates filled with
+    the image's class ('a photo of the digit seven.'), as web captions often read like CLIP's prompts.
+
     Example:
         >>> images, captions = build_pretraining_pairs(n=64)
         >>> images.dtype, tuple(images.shape), len(captions)
         (torch.uint8, (64, 3, 32, 32), 64)
     """
-    images, caps, meta = _corpus("pretrain", image_size, seed, n, substitute_missing)
+    if style not in ("plain", "task"):
+        raise ValueError(f"style must be 'plain' or 'task', got {style!r}")
+    if not 0.0 <= template_share <= 1.0:
+        raise ValueError(f"template_share must lie in [0, 1], got {template_share!r}")
+    images, caps, meta = _corpus("pretrain", image_size, seed, n, substitute_missing, style,
+                                 shift if style == "task" else 0.0, template_share)
     return (images, caps, meta) if return_meta else (images, caps)
 
 
@@ -832,6 +918,26 @@ def build_caption_set(
         (32, torch.Size([3, 32, 32]))
     """
     images, caps, meta = _corpus("caption", image_size, seed, n, substitute_missing)
+    return (images, caps, meta) if return_meta else (images, caps)
+
+
+def build_reference_set(
+    image_size: int = 32, seed: int = 0, n: int = 1000, substitute_missing: bool = False,
+    return_meta: bool = False,
+):
+    """CD / MAP reference pairs in the role of GNSP's 1,000 ImageNet images: never pre-trained on, each
+    captioned ``"a photo of a/an {class}."`` by its main object (a digit, an animal, a shape, a count, a texture).
+
+    Real images come only from the ``reference`` share of :func:`real_source_split`; procedural images from
+    their own random stream, so a different ``seed`` (one per task) gives a fresh set. Rendered in the
+    pre-training style (the reference data stands for the pre-training distribution, as ImageNet does for CLIP).
+
+    Example:
+        >>> images, captions = build_reference_set(n=40, seed=3)
+        >>> len(images), captions[0].startswith("a photo of")
+        (40, True)
+    """
+    images, caps, meta = _corpus("reference", image_size, seed, n, substitute_missing)
     return (images, caps, meta) if return_meta else (images, caps)
 
 

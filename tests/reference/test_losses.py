@@ -105,20 +105,21 @@ def test_cd_loss_is_stationary_at_the_frozen_model_and_does_not_train_it():
 def test_map_loss_with_distinct_labels_and_no_smoothing_is_clip_loss():
     img, txt = _randn(5, 4, seed=5), _randn(5, 4, seed=6)
     logits = 30.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-    clip = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))) / 2
+    clip = F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))  # both summed
     torch.testing.assert_close(map_loss(img, txt, torch.arange(5), 30.0, 0.0), clip)
 
 
 def test_map_loss_shares_mass_between_same_class_pairs():
-    # two pairs of one class with identical features: every logit is equal, Q is uniform: loss = log 2
+    # two pairs of one class with identical features: every logit is equal, Q is uniform: log 2 per direction
     feats = torch.ones(2, 3)
-    assert math.isclose(float(map_loss(feats, feats, torch.tensor([4, 4]), 100.0)), math.log(2), rel_tol=1e-6)
+    assert math.isclose(float(map_loss(feats, feats, torch.tensor([4, 4]), 100.0)), 2 * math.log(2), rel_tol=1e-6)
     # separated pairs (logits 10 I): rewarded when the labels differ, penalised when they are one class
     img, txt = torch.eye(2), torch.eye(2)
     same = float(map_loss(img, txt, torch.tensor([0, 0]), 10.0, 0.0))
     different = float(map_loss(img, txt, torch.tensor([0, 1]), 10.0, 0.0))
     assert different < same
-    assert math.isclose(same, 0.5 * (math.log(math.exp(10) + 1) - 10) + 0.5 * math.log(math.exp(10) + 1),
+    # per direction: half the target on each pair (0.5 (log(e^10 + 1) - 10) + 0.5 log(e^10 + 1)); both summed
+    assert math.isclose(same, 2 * (0.5 * (math.log(math.exp(10) + 1) - 10) + 0.5 * math.log(math.exp(10) + 1)),
                         rel_tol=1e-6)
 
 

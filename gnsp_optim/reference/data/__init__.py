@@ -9,6 +9,7 @@ Example:
 """
 
 from .classnames import CLASSNAMES, clean_classname
+from .facts import DATASETS, DatasetFacts
 from .imagenet import ReferenceSet, caption_for, check_imagenet, imagenet_reference_set, read_synset_mapping
 from .images import CLIP_MEAN, CLIP_STD, CLIPImageTransform, load_image
 from .mtil import (
@@ -35,7 +36,9 @@ __all__ = [
     "CLASSNAMES",
     "CLIP_MEAN",
     "CLIP_STD",
+    "DATASETS",
     "DATASET_FOLDERS",
+    "DatasetFacts",
     "DISPLAY_NAMES",
     "MTIL_DATASETS",
     "MTIL_ORDER_I",

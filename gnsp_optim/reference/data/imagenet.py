@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .mtil import DataLayoutError, DataStatus, MTILDataset
+from .types import DataLayoutError, DataStatus, MTILDataset
 
 __all__ = [
     "IMAGENET_HINT",

@@ -68,10 +68,14 @@ def to_pil(array: np.ndarray) -> Any:
 
 
 class CLIPImageTransform:
-    """CLIP eval preprocessing: bicubic resize of the short side, center crop, [0,1] CHW float, normalise.
+    """CLIP's eval preprocessing, the project's only copy: bicubic resize of the short side, center crop,
+    RGB, [0,1] CHW float, normalise with :data:`CLIP_MEAN` / :data:`CLIP_STD`.
 
-    A picklable class (works with ``DataLoader(num_workers>0)``). ``image_size`` is configurable so tests can
-    use tiny images; 224 matches method.md sec. 4.
+    The same arithmetic as OpenAI CLIP / open_clip's torchvision pipeline without torchvision: the long side
+    becomes ``int(S * long / short)`` (truncated, as ``transforms.Resize``), the crop offsets are
+    ``round((size - S) / 2)`` (as ``CenterCrop``), and the RGB conversion comes after resizing and cropping
+    (``_convert_image_to_rgb`` follows ``CenterCrop`` there). A picklable class (works with
+    ``DataLoader(num_workers>0)``); ``image_size`` is configurable so tests can use tiny images.
 
     Example:
         >>> t = CLIPImageTransform(image_size=4)
@@ -94,25 +98,23 @@ class CLIPImageTransform:
         self.std = tuple(float(s) for s in std)
 
     def resize_and_crop(self, img: Any) -> Any:
-        """Resize (bicubic) so the short side is ``image_size``, then center-crop a square.
+        """Resize (bicubic) so the short side is ``image_size``, then center-crop a square; then RGB.
 
         Example:
             >>> CLIPImageTransform(4).resize_and_crop(to_pil(np.zeros((6, 10, 3), np.uint8))).size
             (4, 4)
         """
         image_mod = import_pil()
-        img = img.convert("RGB")
         w, h = img.size
         s = self.image_size
-        if w <= h:
-            new_w, new_h = s, max(s, round(h * s / w))
-        else:
-            new_w, new_h = max(s, round(w * s / h)), s
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), resample=image_mod.BICUBIC)
-        left = round((new_w - s) / 2.0)
-        top = round((new_h - s) / 2.0)
-        return img.crop((left, top, left + s, top + s))
+        short, long = min(w, h), max(w, h)
+        new_long = int(s * long / short)
+        new_size = (s, new_long) if w <= h else (new_long, s)
+        if new_size != (w, h):
+            img = img.resize(new_size, resample=image_mod.BICUBIC)
+        w, h = img.size
+        left, top = round((w - s) / 2.0), round((h - s) / 2.0)
+        return img.crop((left, top, left + s, top + s)).convert("RGB")
 
     def __call__(self, img: Any) -> torch.Tensor:
         """Transform one PIL image into a normalised ``(3, image_size, image_size)`` float32 tensor."""

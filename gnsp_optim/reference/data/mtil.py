@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,20 @@ import numpy as np
 import torch
 
 from .classnames import CLASSNAMES, clean_classname
-from .images import CLIPImageTransform, load_image, to_pil
+from .facts import (
+    DATASET_FOLDERS,
+    DATASETS,
+    DISPLAY_NAMES,
+    MTIL_DATASETS,
+    MTIL_ORDER_I,
+    MTIL_ORDER_II,
+    NUM_CLASSES,
+    SPLIT_SEED,
+    TRAIN_FRACTION,
+)
+from .imagenet import check_imagenet
 from .templates import TEMPLATES
+from .types import ArraySamples, DataLayoutError, DataStatus, MTILDataset
 
 __all__ = [
     "DISPLAY_NAMES",
@@ -54,162 +65,7 @@ __all__ = [
     "split_indices",
 ]
 
-#: Dataset keys in MTIL Order I.
-MTIL_ORDER_I: tuple[str, ...] = (
-    "aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers", "food", "mnist", "pets", "cars", "sun397",
-)
-#: MTIL Order II.
-MTIL_ORDER_II: tuple[str, ...] = (
-    "cars", "food", "mnist", "pets", "flowers", "sun397", "aircraft", "caltech101", "dtd", "eurosat", "cifar100",
-)
-MTIL_DATASETS = MTIL_ORDER_I
-
-DISPLAY_NAMES: dict[str, str] = {
-    "aircraft": "Aircraft",
-    "caltech101": "Caltech101",
-    "cifar100": "CIFAR100",
-    "dtd": "DTD",
-    "eurosat": "EuroSAT",
-    "flowers": "Flowers",
-    "food": "Food",
-    "mnist": "MNIST",
-    "pets": "OxfordPet",
-    "cars": "StanfordCars",
-    "sun397": "SUN397",
-}
-
-#: Class counts (method.md sec. 4); asserted on every load.
-NUM_CLASSES: dict[str, int] = {
-    "aircraft": 100, "caltech101": 101, "cifar100": 100, "dtd": 47, "eurosat": 10, "flowers": 102,
-    "food": 101, "mnist": 10, "pets": 37, "cars": 196, "sun397": 397,
-}
-
-SPLIT_SEED = 42
-TRAIN_FRACTION = 0.8
-
 _IMG_EXT = (".jpg", ".jpeg", ".png")
-
-
-class DataLayoutError(FileNotFoundError):
-    """A dataset folder is missing, incomplete or not in the expected layout (message names dataset + path).
-
-    Example:
-        >>> str(DataLayoutError("dtd", "/data/dtd/dtd/labels/train1.txt", "file not found"))
-        'DTD: file not found: /data/dtd/dtd/labels/train1.txt'
-    """
-
-    def __init__(self, dataset: str, path: str | os.PathLike, problem: str, hint: str = "") -> None:
-        self.dataset = dataset
-        self.path = str(path)
-        self.problem = problem
-        self.hint = hint
-        msg = f"{DISPLAY_NAMES.get(dataset, dataset)}: {problem}: {self.path}"
-        if hint:
-            msg += f" (hint: {hint})"
-        super().__init__(msg)
-
-
-# --------------------------------------------------------------------------------------------- dataset object
-class ArraySamples(Sequence):
-    """In-memory samples: ``images`` uint8 ``(N, H, W)`` or ``(N, H, W, 3)``, ``labels`` ``(N,)``.
-
-    Indexing gives ``(image_array, label)`` like a list of pairs, without building N tuples.
-
-    Example:
-        >>> s = ArraySamples(np.zeros((2, 4, 4), np.uint8), np.array([3, 5]))
-        >>> len(s), s[1][1], s[1][0].shape
-        (2, 5, (4, 4))
-    """
-
-    def __init__(self, images: np.ndarray, labels: Sequence[int] | np.ndarray) -> None:
-        labels = np.asarray(labels, dtype=np.int64)
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:  # type: ignore[override]
-        return self.images[i], int(self.labels[i])
-
-
-class MTILDataset(torch.utils.data.Dataset):
-    """A classification dataset: ``samples`` of ``(path_or_array, label)``, class names, prompt templates.
-
-    ``__getitem__`` decodes lazily (path -> Pillow RGB, array -> RGB) and applies ``transform``
-    (``PIL.Image -> Tensor``; default :class:`~.images.CLIPImageTransform` at 224).
-
-    Example:
-        >>> ds = MTILDataset(ArraySamples(np.zeros((1, 8, 8), np.uint8), [0]), ["0"], ["a photo of {}."],
-        ...                  CLIPImageTransform(image_size=8))
-        >>> x, y = ds[0]
-        >>> tuple(x.shape), y, ds.num_classes
-        ((3, 8, 8), 0, 1)
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[tuple[Any, int]],
-        classnames: Sequence[str],
-        templates: Sequence[str],
-        transform: Callable[[Any], torch.Tensor] | None = None,
-        name: str = "",
-    ) -> None:
-        self.samples = samples
-        self.classnames = list(classnames)
-        self.templates = list(templates)
-        self.transform = transform if transform is not None else CLIPImageTransform()
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (``len(classnames)``)."""
-        return len(self.classnames)
-
-    @property
-    def targets(self) -> list[int]:
-        """All labels, in sample order (no decoding).
-
-        Example:
-            >>> MTILDataset([("a.jpg", 1), ("b.jpg", 0)], ["x", "y"], ["{}"]).targets
-            [1, 0]
-        """
-        if isinstance(self.samples, ArraySamples):
-            return self.samples.labels.tolist()
-        return [int(s[1]) for s in self.samples]
-
-    def load_pil(self, index: int) -> Any:
-        """The decoded RGB ``PIL.Image`` of sample ``index`` (before ``transform``)."""
-        item, _ = self.samples[index]
-        if isinstance(item, np.ndarray):
-            return to_pil(item)
-        return load_image(item)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        _, label = self.samples[index]
-        return self.transform(self.load_pil(index)), int(label)
-
-    def subset(self, indices: Sequence[int]) -> MTILDataset:
-        """A dataset over ``samples[i] for i in indices`` (same names, templates, transform).
-
-        Example:
-            >>> MTILDataset([("a", 0), ("b", 1)], ["x", "y"], ["{}"]).subset([1]).targets
-            [1]
-        """
-        idx = [int(i) for i in indices]
-        if isinstance(self.samples, ArraySamples):
-            new: Sequence[tuple[Any, int]] = ArraySamples(self.samples.images[idx], self.samples.labels[idx])
-        else:
-            new = [self.samples[i] for i in idx]
-        return MTILDataset(new, self.classnames, self.templates, self.transform, self.name)
-
-    def __repr__(self) -> str:
-        return f"MTILDataset(name={self.name!r}, n={len(self)}, classes={self.num_classes})"
 
 
 def split_indices(
@@ -238,7 +94,8 @@ def split_indices(
 def _require(dataset: str, path: Path, kind: str = "file") -> Path:
     ok = path.is_dir() if kind == "folder" else path.is_file()
     if not ok:
-        raise DataLayoutError(dataset, path, f"{kind} not found", _HINTS.get(dataset, ""))
+        hint = DATASETS[dataset].hint if dataset in DATASETS else ""
+        raise DataLayoutError(dataset, path, f"{kind} not found", hint)
     return path
 
 
@@ -518,46 +375,6 @@ _LOADERS: dict[str, Callable[[Path, str], tuple[Any, list[str], Path]]] = {
     "sun397": _sun397,
 }
 
-#: Folder (relative to the data root) each dataset lives in.
-DATASET_FOLDERS: dict[str, str] = {
-    "aircraft": "fgvc-aircraft-2013b",
-    "caltech101": "caltech101/101_ObjectCategories",
-    "cifar100": "cifar-100-python",
-    "dtd": "dtd/dtd",
-    "eurosat": "eurosat/2750",
-    "flowers": "flowers-102",
-    "food": "food-101",
-    "mnist": "MNIST/raw",
-    "pets": "oxford-iiit-pet",
-    "cars": "stanford_cars",
-    "sun397": "SUN397",
-}
-
-_HINTS: dict[str, str] = {
-    "aircraft": "torchvision.datasets.FGVCAircraft(root, download=True), or extract fgvc-aircraft-2013b.tar.gz "
-    "from https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ into root",
-    "caltech101": "torchvision.datasets.Caltech101(root, download=True), or extract 101_ObjectCategories.tar.gz "
-    "(https://data.caltech.edu/records/mzrjq-6wc02) into root/caltech101/",
-    "cifar100": "torchvision.datasets.CIFAR100(root, download=True), or extract cifar-100-python.tar.gz "
-    "from https://www.cs.toronto.edu/~kriz/cifar.html into root",
-    "dtd": "torchvision.datasets.DTD(root, download=True), or extract dtd-r1.0.1.tar.gz "
-    "(https://www.robots.ox.ac.uk/~vgg/data/dtd/) into root/dtd/",
-    "eurosat": "torchvision.datasets.EuroSAT(root, download=True), or extract EuroSAT.zip (RGB jpgs, folder 2750/) "
-    "into root/eurosat/",
-    "flowers": "torchvision.datasets.Flowers102(root, download=True), or 102flowers.tgz + imagelabels.mat + "
-    "setid.mat from https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ into root/flowers-102/",
-    "food": "torchvision.datasets.Food101(root, download=True), or extract food-101.tar.gz "
-    "(https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/) into root",
-    "mnist": "torchvision.datasets.MNIST(root, download=True) writes root/MNIST/raw/*-ubyte (raw or .gz)",
-    "pets": "torchvision.datasets.OxfordIIITPet(root, download=True), or images.tar.gz + annotations.tar.gz "
-    "from https://www.robots.ox.ac.uk/~vgg/data/pets/ into root/oxford-iiit-pet/",
-    "cars": "torchvision.datasets.StanfordCars' download is broken (host gone): put a mirror's cars_train/, "
-    "cars_test/, devkit/ and cars_test_annos_withlabels.mat into root/stanford_cars/",
-    "sun397": "torchvision.datasets.SUN397(root, download=True), or extract SUN397.tar.gz "
-    "(https://vision.princeton.edu/projects/2010/SUN/) into root",
-}
-
-
 def load_mtil_dataset(
     name: str,
     root: str | os.PathLike,
@@ -590,26 +407,6 @@ def load_mtil_dataset(
 
 
 # --------------------------------------------------------------------------------------------- check_data
-@dataclass
-class DataStatus:
-    """One row of :func:`check_data`: whether a dataset is usable under the root, with counts or a hint.
-
-    Example:
-        >>> DataStatus("mnist", "MNIST", False, "/d/MNIST/raw", problem="folder not found").present
-        False
-    """
-
-    key: str
-    display_name: str
-    present: bool
-    location: str
-    counts: dict[str, int] = field(default_factory=dict)
-    num_classes: int | None = None
-    problem: str = ""
-    hint: str = ""
-    note: str = ""
-
-
 def _count_folder_tree(dataset: str, base: Path, classes: Sequence[str], prefix: str = "") -> int:
     return sum(len(_image_files(base / c, prefix)) for c in classes)
 
@@ -717,8 +514,6 @@ def check_data(root: str | os.PathLike) -> list[DataStatus]:
         >>> len(rows), rows[0].present, rows[-1].key
         (12, False, 'imagenet')
     """
-    from .imagenet import check_imagenet
-
     root = Path(root)
     rows = []
     for name in MTIL_DATASETS:
@@ -729,7 +524,8 @@ def check_data(root: str | os.PathLike) -> list[DataStatus]:
         except (DataLayoutError, OSError, ValueError, KeyError) as exc:
             problem = (f"{exc.problem}: {exc.path}" if isinstance(exc, DataLayoutError)
                        else f"{type(exc).__name__}: {exc}")
-            rows.append(DataStatus(name, DISPLAY_NAMES[name], False, loc, problem=problem, hint=_HINTS[name]))
+            rows.append(DataStatus(name, DISPLAY_NAMES[name], False, loc, problem=problem,
+                                   hint=DATASETS[name].hint))
     rows.append(check_imagenet(root))
     return rows
 
