@@ -231,4 +231,5 @@ def test_every_layer_preset_keeps_old_outputs_of_both_towers():
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, params0[n])}
     assert any(".attn." in n for n in moved) and "text_projection" in moved and "visual.proj" in moved
     assert any(n.startswith("transformer.") for n in moved)  # the text tower trained, protected
-    assert not any("ln_" in n or "embedding" in n for n in moved)  # not protectable yet: frozen
+    assert not any("ln_" in n for n in moved), moved  # LayerNorms are not protectable: frozen
+    assert "token_embedding.weight" in moved, moved  # an nn.Embedding trains protected (old tokens' rows fixed)
