@@ -1,7 +1,7 @@
 r"""FSDP2 (``torch.distributed.fsdp.fully_shard``): GNSP's projections on row-sharded ``DTensor`` s.
 
 Prototype functions for the optimizer to call when a protected weight is a ``DTensor`` (see
-``/work/notes/scale-design.md`` for the wiring). FSDP2 shards every parameter on dim 0 with ``torch.chunk``
+``docs/design/scale.md`` for the wiring). FSDP2 shards every parameter on dim 0 with ``torch.chunk``
 semantics: rank ``r`` of ``W`` holds global rows ``[r c, min((r+1) c, n))`` with ``c = ceil(n / world)``;
 its ``.grad``, the optimizer's moments (Adam's ``exp_avg``) and any ``p - p0`` difference are DTensors with the
 same placement, so one function serves the gradient, the ``mode="update"`` change and moment projection.

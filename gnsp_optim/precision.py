@@ -17,7 +17,7 @@ significand), so chunking changes only the order of float32 additions. Against t
 On CUDA, torch 2.13 has ``torch.mm(a, b, out_dtype=torch.float32)`` (``aten::mm.dtype``, for fp16 / bf16
 inputs), which would produce the float32 Gram from 16-bit inputs with no upcast at all; the CPU backend does
 not implement it (``NotImplementedError`` on 2.13.0+cpu), so it is not used here and remains to be measured
-on a GPU (see ``/work/notes/scale-design.md``).
+on a GPU (see ``docs/design/scale.md``).
 
 Example:
     >>> import torch

@@ -1,6 +1,6 @@
 """Issue 13, one regression test per bullet: protection is never lost in silence at the wrapper's boundary.
 
-Public API only. Each test failed on main 03ce54c (the measured numbers are in /work/notes/anymodel-design.md)
+Public API only. Each test failed on main 03ce54c (the measured numbers are in docs/design/anymodel.md)
 and passes with the integration of issue 13. Public names these tests fix:
 
 - ``NullSpaceOptimizer(..., running_stats="freeze" | "track")``: normalisation running statistics after

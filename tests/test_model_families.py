@@ -7,7 +7,7 @@ issue names them: update mode + AdamW (with weight decay) and grad mode + SGD wi
 
 On main 03ce54c the tied families were refused at construction, token embeddings were frozen instead of
 protected, transformers' ``Conv1D`` was not a layer kind and broad patterns were refused (measured, see
-/work/notes/anymodel-design.md); every test here passes since issue 13's integration.
+docs/design/anymodel.md); every test here passes since issue 13's integration.
 """
 
 from __future__ import annotations
