@@ -75,7 +75,11 @@ class OutsideUseDetector(TorchFunctionMode):
             ``{name: [module names whose calls count as inside]}``.
         max_ops: how many distinct op names to keep per parameter.
         first_calls: stop watching after this many completed calls of ``model`` itself (``None``: watch
-            until the ``with`` block ends). The mode leaves only when it is the innermost one.
+            until the ``with`` block ends). A loop that never calls ``model`` itself (CLIP's
+            ``encode_image`` / ``encode_text``) is bounded too: the mode also leaves when, with no owning
+            module inside its ``forward``, an owning module is entered again after every owning module has
+            finished ``first_calls`` calls (the code path has started over). The mode leaves only when it is
+            the innermost one.
 
     After the ``with`` block, ``outside`` maps each parameter used outside to the op names seen (in order of
     first use); :meth:`warn` emits one ``UserWarning`` naming them (what ``collect()`` will do once wired).
@@ -99,6 +103,7 @@ class OutsideUseDetector(TorchFunctionMode):
         self._owners: dict[int, set[int]] = {i: set() for i in self._name}
         self._owner_modules: dict[int, nn.Module] = {}
         self._inside: dict[int, int] = {}  # id(module) -> call depth (a module may be re-entered)
+        self._finished: dict[int, int] = {}  # id(module) -> completed top-level calls
         self._handles: list = []
         self.outside: dict[str, list[str]] = {}
 
@@ -123,26 +128,40 @@ class OutsideUseDetector(TorchFunctionMode):
 
     # module-call tracking ------------------------------------------------------------------------------
     def _enter(self, mod: nn.Module, *_: Any) -> None:
+        if (self._active and self.first_calls is not None and not self._inside
+                and self._finished.get(id(mod), 0) >= self.first_calls
+                and all(self._finished.get(i, 0) >= self.first_calls for i in self._owner_modules)):
+            self._leave_mode()  # every owner has run and one starts again: the code path repeats
         self._inside[id(mod)] = self._inside.get(id(mod), 0) + 1
 
     def _leave(self, mod: nn.Module, *_: Any) -> None:
         depth = self._inside.get(id(mod), 0) - 1
         if depth <= 0:
             self._inside.pop(id(mod), None)
+            self._finished[id(mod)] = self._finished.get(id(mod), 0) + 1
         else:
             self._inside[id(mod)] = depth
 
     def _root_done(self, *_: Any) -> None:
         self._calls += 1
+        if self._active and self.first_calls is not None and self._calls >= self.first_calls:
+            self._leave_mode()
+
+    def _leave_mode(self) -> None:
         top = torch._C._len_torch_function_stack() - 1
-        if (self._active and self.first_calls is not None and self._calls >= self.first_calls and top >= 0
-                and torch._C._get_function_stack_at(top) is self):
+        if top >= 0 and torch._C._get_function_stack_at(top) is self:
             super().__exit__(None, None, None)  # leave the mode now: the rest of the collection runs bare
             self._active = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the mode is still watching (it leaves early with ``first_calls``, see above)."""
+        return self._active
 
     def __enter__(self) -> OutsideUseDetector:
         self.outside = {}
         self._inside.clear()
+        self._finished.clear()
         self._calls, self._active = 0, True
         if self.first_calls is not None:
             self._handles.append(self._model.register_forward_hook(self._root_done, always_call=True))

@@ -318,3 +318,42 @@ def test_outside_use_watch_leaves_after_the_first_model_call():
             model(torch.randn(2, 4))
             assert torch._C._len_torch_function_stack() == 0  # the mode left: later batches run bare
             model(torch.randn(2, 4))
+
+
+class TwoEntries(nn.Module):
+    """Called through two methods, never through ``forward`` (like CLIP's encode_image / encode_text)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def encode_a(self, x):
+        return self.a(x)
+
+    def encode_b(self, x):
+        return F.linear(self.b(x), self.b.weight)  # b.weight used a second time, outside b
+
+
+def test_outside_use_watch_is_bounded_without_a_model_call():
+    """A loop of encode_* calls: the detector watches until every owner has run and one starts over."""
+    from gnsp_optim.outside_use import OutsideUseDetector
+
+    model = TwoEntries()
+    x = torch.randn(2, 4)
+    with torch.no_grad(), OutsideUseDetector(model, ["a.weight", "b.weight"], first_calls=1) as det:
+        model.encode_a(x)
+        model.encode_a(x)  # b has not run yet: still watching
+        assert det.active
+        model.encode_b(x)  # the outside use of b.weight is seen on b's first pass
+        assert det.active
+        model.encode_a(x)  # every owner finished once and one starts again: the mode leaves
+        assert not det.active and torch._C._len_torch_function_stack() == 0
+        model.encode_b(x)
+    assert det.outside == {"b.weight": ["linear"]}
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.warns(UserWarning, match=r"'b\.weight' \(by linear\)"):
+        with opt.collect(), torch.no_grad():
+            for _ in range(3):
+                model.encode_b(x)
+                model.encode_a(x)

@@ -260,12 +260,23 @@ def _cycle(ds: Dataset, batch: int, seed: int, workers: int = 0, shard: bool = T
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def text_state(model) -> tuple:
+    """A key that changes whenever a text-side parameter (anything outside ``visual.*``) changes.
+
+    Each parameter's identity and version counter (bumped by every in-place write: optimizer steps,
+    ``load_state_dict``); the zero-shot classifiers depend on these parameters only.
+    """
+    return tuple((n, id(p), p._version) for n, p in model.named_parameters() if not n.startswith("visual."))
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, tasks: Sequence[ContinualTask], device, batch: int = 500,
-             learnt: int = -1, eval_templates: str = "all") -> list[float]:
+             learnt: int = -1, eval_templates: str = "all", cache: dict | None = None) -> list[float]:
     """Zero-shot top-1 (percent) on every task's test set.
 
     With ``eval_templates="first_for_learnt"``, tasks with index ``<= learnt`` use only their first template.
+    ``cache``: a dict kept between calls; a task's class embeddings are reused while :func:`text_state` is
+    unchanged (the text tower frozen after task 1 in GNSP's preset), recomputed otherwise.
 
     Example::
 
@@ -273,9 +284,17 @@ def evaluate(model, tokenizer, tasks: Sequence[ContinualTask], device, batch: in
     """
     model.eval()
     accs = []
+    state = text_state(model) if cache is not None else None
     for j, task in enumerate(tasks):
         templates = task.templates[:1] if (eval_templates == "first_for_learnt" and j <= learnt) else task.templates
-        classifier = zeroshot_classifier(model, tokenizer, task.classnames, templates, device)
+        key = (j, task.name, tuple(templates))
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] == state:
+            classifier = hit[1]
+        else:
+            classifier = zeroshot_classifier(model, tokenizer, task.classnames, templates, device)
+            if cache is not None:
+                cache[key] = (state, classifier)
         correct = total = 0
         for images, labels in _batches(task.test, batch, shuffle=False, seed=0):
             feats = F.normalize(model.encode_image(images.to(device)).float(), dim=-1)
@@ -372,12 +391,13 @@ def _statistics_forward(model, item) -> None:
 
 def _statistics_inputs(tokenizer, task: ContinualTask, method: Method, device, workers: int):
     """What the statistics pass feeds the model: the task's training images (this rank's share, batches of
-    ``stats_batch_size``), and when the preset trains the text tower, every template x class prompt."""
-    for x, _ in _batches(task.train, method.stats_batch_size, shuffle=False, seed=0, workers=workers, shard=True):
-        yield "image", x.to(device)
+    ``stats_batch_size``), and when the preset trains the text tower, every template x class prompt (first:
+    then both towers have run by the second image batch, where the outside-use check stops watching)."""
     if method.layers is None or any(not p.startswith("visual.") for p in method.layers):
         prompts = [t.format(c) for t in task.templates for c in task.classnames]
         yield "text", tokenizer(prompts).to(device)
+    for x, _ in _batches(task.train, method.stats_batch_size, shuffle=False, seed=0, workers=workers, shard=True):
+        yield "image", x.to(device)
 
 
 def _gather_statistics(model, tokenizer, task: ContinualTask, method: Method, opt, device, workers: int):
@@ -432,6 +452,7 @@ def run_continual(
     align: list[dict[str, float]] = [alignment_metrics(model, tokenizer, pairs, device, config.eval_batch_size)]
     seconds: list[float] = []
     opt: NullSpaceOptimizer | None = None
+    classifiers: dict = {}  # zero-shot class embeddings, reused while the text tower is unchanged
     start_task = 0
     out_dir = config.out_dir
     ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
@@ -463,7 +484,7 @@ def run_continual(
         seconds.append(time.time() - t_task)
         if method.train or not matrix:
             row = evaluate(model, tokenizer, tasks, device, config.eval_batch_size, learnt=i,
-                           eval_templates=method.eval_templates)
+                           eval_templates=method.eval_templates, cache=classifiers)
             align.append(alignment_metrics(model, tokenizer, pairs, device, config.eval_batch_size))
         else:  # an untrained model gives the same numbers after every task: measured once
             row, _ = list(matrix[-1]), align.append(dict(align[-1]))

@@ -123,8 +123,8 @@ def load_schedule(path: str | os.PathLike) -> dict[str, Any]:
 
 
 #: Reduced sizes of ``--quick`` (same pipeline, same checkpoint).
-QUICK = dict(n_train=64, n_test=60, n_caption=64, n_reference=64, iterations=3, warmup=1, batch_size=32,
-             ref_batch_size=32)
+QUICK = dict(n_train=64, n_test=50, n_caption=32, n_reference=32, iterations=2, warmup=1, batch_size=16,
+             ref_batch_size=16)
 
 
 def offline_setup(spec: ExperimentSpec) -> Setup:

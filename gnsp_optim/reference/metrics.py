@@ -114,10 +114,11 @@ def _fill(template: str | Callable[[str], str], classname: str) -> str:
 @torch.no_grad()
 def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
                         classnames: Sequence[str], templates: Sequence[str | Callable[[str], str]],
-                        device: torch.device | str) -> torch.Tensor:
+                        device: torch.device | str, batch: int = 512) -> torch.Tensor:
     r"""``(C, D)`` float32 class embeddings: per class, normalise each template's text embedding, mean, normalise.
 
-    ``templates`` are format strings with one ``{}`` or callables ``classname -> text``.
+    ``templates`` are format strings with one ``{}`` or callables ``classname -> text``. The ``C x T`` prompts
+    are encoded together, ``batch`` at a time.
 
     Example:
         >>> from gnsp_optim.reference.model import CLIP, CLIPConfig
@@ -127,12 +128,13 @@ def zeroshot_classifier(model: torch.nn.Module, tokenizer: Callable[[list[str]],
         >>> zeroshot_classifier(model, tok, ["cat", "dog"], ["a photo of a {}."], "cpu").shape
         torch.Size([2, 64])
     """
-    rows = []
-    for name in classnames:
-        tokens = tokenizer([_fill(t, name) for t in templates]).to(device)
-        per_template = F.normalize(model.encode_text(tokens).float(), dim=-1)
-        rows.append(F.normalize(per_template.mean(0), dim=-1))
-    return torch.stack(rows)
+    if not classnames or not templates:
+        raise ValueError("zeroshot_classifier needs at least one class name and one template")
+    texts = [_fill(t, name) for name in classnames for t in templates]
+    feats = torch.cat([model.encode_text(tokenizer(texts[k:k + batch]).to(device)).float()
+                       for k in range(0, len(texts), batch)])
+    per_template = F.normalize(feats, dim=-1).view(len(classnames), len(templates), -1)
+    return F.normalize(per_template.mean(1), dim=-1)
 
 
 @torch.no_grad()

@@ -233,3 +233,22 @@ def test_every_layer_preset_keeps_old_outputs_of_both_towers():
     assert any(n.startswith("transformer.") for n in moved)  # the text tower trained, protected
     assert not any("ln_" in n for n in moved), moved  # LayerNorms are not protectable: frozen
     assert "token_embedding.weight" in moved, moved  # an nn.Embedding trains protected (old tokens' rows fixed)
+
+
+def test_evaluate_cache_reuses_only_while_the_text_tower_is_unchanged():
+    tasks, tok, model, _ = make_setup()
+    cache: dict = {}
+    fresh = continual.evaluate(model, tok, tasks, "cpu")
+    assert continual.evaluate(model, tok, tasks, "cpu", cache=cache) == fresh
+    assert len(cache) == len(tasks)
+    # a visual-only change keeps the cached class embeddings (and gives the uncached numbers)
+    with torch.no_grad():
+        model.visual.proj.mul_(-1.0)
+    assert continual.evaluate(model, tok, tasks, "cpu", cache=cache) == continual.evaluate(model, tok, tasks, "cpu")
+    # an in-place change of a text-tower parameter (what an optimizer step does) invalidates them
+    keys_before = {k: v[0] for k, v in cache.items()}
+    with torch.no_grad():
+        model.text_projection.copy_(torch.randn_like(model.text_projection))
+    changed = continual.evaluate(model, tok, tasks, "cpu", cache=cache)
+    assert changed == continual.evaluate(model, tok, tasks, "cpu")
+    assert all(cache[k][0] != keys_before[k] for k in cache)

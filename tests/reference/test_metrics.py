@@ -127,6 +127,8 @@ def test_zeroshot_classifier_equals_per_template_loop():
             torch.testing.assert_close(weights[c], (total / total.norm()).float())
     as_callables = [lambda c, t=t: t.format(c) for t in templates]
     torch.testing.assert_close(zeroshot_classifier(model, tok, classes, as_callables, "cpu"), weights)
+    # encoded a few prompts at a time (chunks that split a class's templates): the same classifier
+    torch.testing.assert_close(zeroshot_classifier(model, tok, classes, templates, "cpu", batch=2), weights)
 
 
 class _IdentityImageModel(torch.nn.Module):
