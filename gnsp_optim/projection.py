@@ -151,19 +151,33 @@ def _project_stacked(members: list, key: tuple, cache: dict) -> None:
         start = stop
 
 
+def _drop_frozen_gradient(b: Block, frozen_rows: dict[int, tuple[torch.Tensor, set[int]]]) -> None:
+    """A frozen block's gradient: ``None``, except its rows of a shared bias, zeroed (and recorded)."""
+    if not b.shares_bias:
+        for _, p in b.params:
+            p.grad = None
+        return
+    b.weight.grad = None
+    if b.bias.grad is not None:
+        b.bias.grad[b.bias_rows] = 0
+    frozen_rows.setdefault(id(b.bias), (b.bias, set()))[1].update(range(*b.bias_rows.indices(b.bias.shape[0])))
+
+
 @torch.no_grad()
 def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = False,
                       cache: dict | None = None) -> None:
     """Project the ``.grad`` of every block; a block that is frozen and owns its tensors gets ``grad = None``.
 
-    (A frozen block sharing its bias must zero its rows of the shared gradient, so it is projected.) A block
-    with a gradient on only one of weight / bias gets zeros for the other, so ``[dW | db]`` is projected whole.
+    A frozen block sharing its bias gets ``grad = None`` on its weight and zeros on its rows of the shared
+    bias gradient; a shared bias every entry of which belongs to a frozen block gets ``grad = None`` (a zero
+    gradient would still let decoupled weight decay move it). A block with a gradient on only one of
+    weight / bias gets zeros for the other, so ``[dW | db]`` is projected whole.
     """
     items: list[Item] = []
+    frozen_rows: dict[int, tuple[torch.Tensor, set[int]]] = {}  # shared bias -> its entries frozen blocks own
     for b, proj in pairs:
-        if proj.is_zero and not b.shares_bias:
-            for _, p in b.params:
-                p.grad = None
+        if proj.is_zero:
+            _drop_frozen_gradient(b, frozen_rows)
             continue
         if b.weight.grad is None and (b.bias is None or b.bias.grad is None):
             continue
@@ -173,6 +187,9 @@ def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = F
             b.bias.grad = torch.zeros_like(b.bias)
         items.append((b, proj, b.weight.grad, None if b.bias is None else b.bias.grad))
     project_blocks(items, batched=batched, cache=cache)
+    for bias, rows in frozen_rows.values():
+        if len(rows) == bias.shape[0]:
+            bias.grad = None
 
 
 @torch.no_grad()

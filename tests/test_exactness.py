@@ -190,3 +190,38 @@ def test_frozen_query_block_does_not_release_the_shared_bias(mode, opt_name):
     assert moved[:4].max() < 1e-12  # the frozen query block's rows of the shared bias
     assert moved[4:8].max() > 1e-6 and moved[8:].max() > 1e-6  # key / value rows still train (plain SGD:
     # from this task's gradients alone, so a frozen block must not drop the shared bias's whole gradient)
+
+
+@pytest.mark.parametrize("mode", ["update", "grad"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate_qkv"])
+def test_fully_occupied_attention_holds_its_bias_under_weight_decay(packed, mode):
+    """q/k/v fully occupied (old inputs span every direction, bias column included: rank full, nothing free):
+    the attention is frozen, and AdamW's decoupled weight decay must not move ``in_proj_bias`` (nor the
+    weights), whether the bias is owned by the packed block or shared by the separate q/k/v blocks."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    kdim, vdim = (4, 4) if packed else (3, 5)
+    m = nn.MultiheadAttention(4, 2, **({} if packed else dict(kdim=kdim, vdim=vdim))).double()
+    with torch.no_grad():
+        m.in_proj_bias.normal_()  # initialised to 0, which weight decay would leave alone
+    opt = NullSpaceOptimizer(torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5), m, rho=0.0, mode=mode)
+
+    def new_batch(n=3):
+        return torch.randn(n, 1, 4, **d), torch.randn(n, 1, kdim, **d), torch.randn(n, 1, vdim, **d)
+
+    for _ in range(2):  # Adam moments exist before the boundary
+        opt.zero_grad()
+        m(*new_batch())[0].square().sum().backward()
+        opt.step()
+    old = new_batch(12)
+    collect(opt, m, *old)
+    assert all(p.is_zero for p in opt.projectors.values())  # nothing free anywhere
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    decayed = start["in_proj_bias"] * (1 - 0.1 * 0.5)  # what one plain AdamW step with zero gradient gives
+    assert (decayed - start["in_proj_bias"]).abs().max() > 1e-2  # weight decay would move it
+    for _ in range(3):
+        opt.zero_grad()
+        m(*new_batch())[0].square().sum().backward()
+        opt.step()
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach(), start[n]), n
