@@ -151,18 +151,6 @@ def _project_stacked(members: list, key: tuple, cache: dict) -> None:
         start = stop
 
 
-def _drop_frozen_gradient(b: Block, frozen_rows: dict[int, tuple[torch.Tensor, set[int]]]) -> None:
-    """A frozen block's gradient: ``None``, except its rows of a shared bias, zeroed (and recorded)."""
-    if not b.shares_bias:
-        for _, p in b.params:
-            p.grad = None
-        return
-    b.weight.grad = None
-    if b.bias.grad is not None:
-        b.bias.grad[b.bias_rows] = 0
-    frozen_rows.setdefault(id(b.bias), (b.bias, set()))[1].update(range(*b.bias_rows.indices(b.bias.shape[0])))
-
-
 @torch.no_grad()
 def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = False,
                       cache: dict | None = None) -> None:
@@ -175,10 +163,16 @@ def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = F
     """
     items: list[Item] = []
     frozen_rows: dict[int, tuple[torch.Tensor, set[int]]] = {}  # shared bias -> its entries frozen blocks own
+    frozen_weights: list[torch.Tensor] = []
     for b, proj in pairs:
-        if proj.is_zero:
-            _drop_frozen_gradient(b, frozen_rows)
+        if proj.is_zero and not b.shares_bias:
+            for _, p in b.params:
+                p.grad = None
             continue
+        if proj.is_zero:  # projected (its rows of the shared bias zeroed, FSDP2 shards too); weight dropped after
+            frozen_weights.append(b.weight)
+            owned = range(*b.bias_rows.indices(b.bias.shape[0]))
+            frozen_rows.setdefault(id(b.bias), (b.bias, set()))[1].update(owned)
         if b.weight.grad is None and (b.bias is None or b.bias.grad is None):
             continue
         if b.weight.grad is None:
@@ -187,7 +181,14 @@ def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = F
             b.bias.grad = torch.zeros_like(b.bias)
         items.append((b, proj, b.weight.grad, None if b.bias is None else b.bias.grad))
     project_blocks(items, batched=batched, cache=cache)
-    for bias, rows in frozen_rows.values():
+    _drop_frozen(frozen_weights, frozen_rows)
+
+
+def _drop_frozen(weights: list[torch.Tensor], bias_rows: dict[int, tuple[torch.Tensor, set[int]]]) -> None:
+    """``grad = None`` for frozen weights that share a bias, and for shared biases wholly owned by them."""
+    for w in weights:
+        w.grad = None
+    for bias, rows in bias_rows.values():
         if len(rows) == bias.shape[0]:
             bias.grad = None
 
