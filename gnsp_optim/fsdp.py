@@ -20,6 +20,14 @@ summed into place with one all-reduce of ``3 e`` numbers.
 dimension *is* the input dimension, so the projection ``P g = g - U (U^T g)`` needs ``U^T g`` summed over the
 shards: **one all-reduce of a** ``k x out`` **matrix** (``k``: the stored basis' width, :func:`project_left_sharded_`).
 
+**Embeddings** (``nn.Embedding``: ``out = one_hot(t) @ W``, ``W`` stored ``(V, d)``) are left-multiplied too, but
+their projector is a row mask (the one-hot covariance is diagonal: ``dW <- D dW``, ``D`` the unused tokens).
+FSDP2 shards the vocabulary, so rank ``r`` holds rows ``[r c, min((r+1) c, V))`` (uneven last shard, possibly
+empty; FSDP2's padding is not part of ``to_local()``) and multiplies them by the same slice of the replicated
+mask: **no communication**. The token counts behind the mask are all-reduced at ``end_task`` like the other
+statistics, so every rank holds the same mask. A weight tied to an output layer (rows of the same ``W``) is
+an input-side block whose rows are local as well.
+
 Statistics need nothing new: FSDP2 all-gathers parameters for the forward, the hooks see each rank's own batch
 of inputs, and the statistics are all-reduced at ``end_task`` as under DDP. Projectors are replicated (built
 from the same reduced statistics on every rank; each basis acts on the *input* dimension, which no input-side
@@ -184,6 +192,15 @@ def _write_gathered_bias(bias: torch.Tensor, gathered: torch.Tensor, projected: 
         mine_b[lo - c: hi - c] = new[lo:hi]
 
 
+def _mask_rows_(mask: torch.Tensor, local: torch.Tensor, start: int, stop: int, bias: torch.Tensor | None,
+                name: str) -> None:
+    """``[W; b] <- diag(mask) [W; b]`` on this rank's rows ``[start, stop)`` of ``W`` (and its bias shard)."""
+    local.mul_(mask[start:stop].reshape(-1, *([1] * (local.dim() - 1))))
+    if bias is not None:  # the bias is the weight row of the constant-1 input: the mask's last entry
+        local_b = row_shard(bias, f"{name} (bias)")[0]
+        local_b.mul_(mask[-1])
+
+
 @torch.no_grad()
 def project_left_sharded_(proj: Projector, weight: torch.Tensor, bias: torch.Tensor | None = None,
                           name: str = "weight") -> None:
@@ -193,7 +210,9 @@ def project_left_sharded_(proj: Projector, weight: torch.Tensor, bias: torch.Ten
     inputs plus, when ``bias`` is given (transformers' ``Conv1D``), the constant-1 input whose weight row is
     the bias (``proj.dim == d + 1``). Communication: one all-reduce of the ``r x out`` matrix ``B^T W`` (``B``:
     the stored basis, ``r`` its width) over the shard dimension's process group, plus a gather of the bias
-    (``out`` numbers) when it is sharded.
+    (``out`` numbers) when it is sharded. A ``form="diagonal"`` projector (an ``nn.Embedding``'s row mask of
+    unused tokens: ``W`` is ``(V, d)``, its rows are the one-hot inputs) is sliced to the rank's rows and
+    multiplied in: no communication.
 
     Example:
         >>> from gnsp_optim.projector import Projector
@@ -202,6 +221,10 @@ def project_left_sharded_(proj: Projector, weight: torch.Tensor, bias: torch.Ten
         >>> project_left_sharded_(proj, w)
         >>> w.tolist()
         [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        >>> emb = torch.ones(3, 2)                  # an embedding's (V, d) weight; token 1 was used
+        >>> project_left_sharded_(Projector.diagonal(torch.tensor([[True, False, True]])), emb)
+        >>> emb[:, 0].tolist()
+        [1.0, 0.0, 1.0]
     """
     local, a, b, pg = row_shard(weight, name)
     d = weight.shape[0]
@@ -210,6 +233,9 @@ def project_left_sharded_(proj: Projector, weight: torch.Tensor, bias: torch.Ten
                          f"{'' if bias is None else ' and a bias'} needs a one-group projector of dimension "
                          f"{d + (bias is not None)}, got {tuple(proj.basis.shape)}")
     full = proj.basis[0].to(local.dtype)  # (D, r)
+    if proj.form == "diagonal":  # a row mask (an embedding's): each rank masks its own rows, no communication
+        _mask_rows_(full[:, 0], local, a, b, bias, name)
+        return
     basis = full[a:b]  # this rank's input rows
     coef = basis.T @ local  # partial B^T W over this rank's rows: (r, out)
     if pg is not None:

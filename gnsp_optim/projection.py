@@ -156,15 +156,23 @@ def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = F
                       cache: dict | None = None) -> None:
     """Project the ``.grad`` of every block; a block that is frozen and owns its tensors gets ``grad = None``.
 
-    (A frozen block sharing its bias must zero its rows of the shared gradient, so it is projected.) A block
-    with a gradient on only one of weight / bias gets zeros for the other, so ``[dW | db]`` is projected whole.
+    A frozen block sharing its bias gets ``grad = None`` on its weight and zeros on its rows of the shared
+    bias gradient; a shared bias every entry of which belongs to a frozen block gets ``grad = None`` (a zero
+    gradient would still let decoupled weight decay move it). A block with a gradient on only one of
+    weight / bias gets zeros for the other, so ``[dW | db]`` is projected whole.
     """
     items: list[Item] = []
+    frozen_rows: dict[int, tuple[torch.Tensor, set[int]]] = {}  # shared bias -> its entries frozen blocks own
+    frozen_weights: list[torch.Tensor] = []
     for b, proj in pairs:
         if proj.is_zero and not b.shares_bias:
             for _, p in b.params:
                 p.grad = None
             continue
+        if proj.is_zero:  # projected (its rows of the shared bias zeroed, FSDP2 shards too); weight dropped after
+            frozen_weights.append(b.weight)
+            owned = range(*b.bias_rows.indices(b.bias.shape[0]))
+            frozen_rows.setdefault(id(b.bias), (b.bias, set()))[1].update(owned)
         if b.weight.grad is None and (b.bias is None or b.bias.grad is None):
             continue
         if b.weight.grad is None:
@@ -173,6 +181,16 @@ def project_gradients(pairs: list[tuple[Block, Projector]], *, batched: bool = F
             b.bias.grad = torch.zeros_like(b.bias)
         items.append((b, proj, b.weight.grad, None if b.bias is None else b.bias.grad))
     project_blocks(items, batched=batched, cache=cache)
+    _drop_frozen(frozen_weights, frozen_rows)
+
+
+def _drop_frozen(weights: list[torch.Tensor], bias_rows: dict[int, tuple[torch.Tensor, set[int]]]) -> None:
+    """``grad = None`` for frozen weights that share a bias, and for shared biases wholly owned by them."""
+    for w in weights:
+        w.grad = None
+    for bias, rows in bias_rows.values():
+        if len(rows) == bias.shape[0]:
+            bias.grad = None
 
 
 @torch.no_grad()

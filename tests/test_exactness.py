@@ -1,5 +1,7 @@
 """The central promise: after end_task(), steps leave outputs on the collected inputs unchanged."""
 
+import copy
+
 import pytest
 import torch
 from helpers import GRAD_EXACT, OPTIMIZERS, collect, low_rank_inputs, mlp, train
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gnsp_optim import NullSpaceOptimizer
+from gnsp_optim.naive import project_block_dense
 
 # (tolerance on old-output drift relative to the output scale, rho): float32 statistics carry ~1e-7
 # relative noise in their eigenvalues, so the "null" threshold must sit above it.
@@ -158,35 +161,106 @@ def test_transformer_encoder_layer_default_selection():
     assert last < first
 
 
+def _dense_twin(blocks, projs, tensors: dict, key=lambda n: n) -> None:
+    """Project ``tensors`` (by parameter name, or ``key(name)``) block by block with the dense twin; a shared
+    bias is projected by each block on its own rows, in turn."""
+    for blk in blocks:
+        bias = None if blk.bias_name is None else tensors[key(blk.bias_name)]
+        new_w, new_b = project_block_dense(blk, projs[blk.name], tensors[key(blk.weight_name)], bias)
+        tensors[key(blk.weight_name)].copy_(new_w)
+        if new_b is not None:
+            bias.copy_(new_b)
+
+
 @pytest.mark.parametrize("mode,opt_name", [("update", "adamw"), ("grad", "sgd_momentum"), ("grad", "sgd")])
 def test_frozen_query_block_does_not_release_the_shared_bias(mode, opt_name):
     """kdim/vdim attention: q/k/v weights are separate but share in_proj_bias. When the query block is fully
-    occupied (frozen) and key/value are not, the query rows of the shared bias must still not move."""
+    occupied (frozen) and key/value are not, the query rows of the shared bias must still not move, and the
+    key / value rows train exactly as the dense twin says (:func:`gnsp_optim.naive.project_block_dense` on
+    the gradients, the moments at the boundary and, in update mode, each step's change; float64)."""
     torch.manual_seed(0)
     m = nn.MultiheadAttention(4, 1, kdim=8, vdim=8).double()
     base = OPTIMIZERS[opt_name](m.parameters())
-    if opt_name.startswith("sgd"):
-        base.param_groups[0]["lr"] = 0.005
+    lr = 0.005 if opt_name.startswith("sgd") else base.param_groups[0]["lr"]
+    base.param_groups[0]["lr"] = lr
     opt = NullSpaceOptimizer(base, m, rho=1e-15, mode=mode)
     d = dict(dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
 
     def new_batch():
-        return torch.randn(6, 1, 4, **d), torch.randn(3, 1, 8, **d), torch.randn(3, 1, 8, **d)
+        return (torch.randn(6, 1, 4, generator=g, **d), torch.randn(3, 1, 8, generator=g, **d),
+                torch.randn(3, 1, 8, generator=g, **d))
 
     for _ in range(3):  # momentum / moments exist before the task boundary
         opt.zero_grad()
         m(*new_batch())[0].square().sum().backward()
         opt.step()
+    twin = copy.deepcopy(m)  # the twin: a plain base optimizer, every projection done by the dense twin
+    twin_base = OPTIMIZERS[opt_name](twin.parameters())
+    twin_base.load_state_dict(copy.deepcopy(base.state_dict()))  # (load_state_dict shares the tensors)
     old = (torch.randn(10, 1, 4, **d), torch.randn(2, 1, 8, **d), torch.randn(2, 1, 8, **d))
     before = collect(opt, m, *old)[0]
     assert opt.projectors["q_proj"].is_zero and not opt.projectors["k_proj"].is_zero
+    tp = dict(twin.named_parameters())
+    for key in ("momentum_buffer", "exp_avg"):  # the boundary: linear moments projected
+        if key in twin_base.state[tp["in_proj_bias"]]:
+            _dense_twin(opt.blocks, opt.projectors, {n: twin_base.state[p][key] for n, p in tp.items()})
     bias0 = m.in_proj_bias.detach().clone()
     for _ in range(20):
+        batch = new_batch()
+        opt.zero_grad()
+        m(*batch)[0].square().sum().backward()
+        opt.step()
+        twin_base.zero_grad()
+        twin(*batch)[0].square().sum().backward()
+        with torch.no_grad():
+            _dense_twin(opt.blocks, opt.projectors, {n: p.grad for n, p in tp.items()})
+            w0 = {n: p.detach().clone() for n, p in tp.items()}
+            twin_base.step()
+            if mode == "update":
+                change = {n: p.detach() - w0[n] for n, p in tp.items()}
+                _dense_twin(opt.blocks, opt.projectors, change)
+                for n, p in tp.items():
+                    p.copy_(w0[n] + change[n])
+    assert (m(*old)[0] - before).abs().max().item() < 1e-9
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), tp[n].detach(), rtol=0, atol=1e-13)
+    moved = (m.in_proj_bias.detach() - bias0).abs()
+    assert moved[:4].max() < 1e-12  # the frozen query block's rows of the shared bias
+    assert moved[4:].min() > 1e-4  # key / value rows train (plain SGD: from this task's gradients alone, so a
+    # frozen block must not drop the shared bias's whole gradient), as the twin says
+
+
+@pytest.mark.parametrize("mode", ["update", "grad"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate_qkv"])
+def test_fully_occupied_attention_holds_its_bias_under_weight_decay(packed, mode):
+    """q/k/v fully occupied (old inputs span every direction, bias column included: rank full, nothing free):
+    the attention is frozen, and AdamW's decoupled weight decay must not move ``in_proj_bias`` (nor the
+    weights), whether the bias is owned by the packed block or shared by the separate q/k/v blocks."""
+    torch.manual_seed(0)
+    d = dict(dtype=torch.float64)
+    kdim, vdim = (4, 4) if packed else (3, 5)
+    m = nn.MultiheadAttention(4, 2, **({} if packed else dict(kdim=kdim, vdim=vdim))).double()
+    with torch.no_grad():
+        m.in_proj_bias.normal_()  # initialised to 0, which weight decay would leave alone
+    opt = NullSpaceOptimizer(torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5), m, rho=0.0, mode=mode)
+
+    def new_batch(n=3):
+        return torch.randn(n, 1, 4, **d), torch.randn(n, 1, kdim, **d), torch.randn(n, 1, vdim, **d)
+
+    for _ in range(2):  # Adam moments exist before the boundary
         opt.zero_grad()
         m(*new_batch())[0].square().sum().backward()
         opt.step()
-    assert (m(*old)[0] - before).abs().max().item() < 1e-9
-    moved = (m.in_proj_bias.detach() - bias0).abs()
-    assert moved[:4].max() < 1e-12  # the frozen query block's rows of the shared bias
-    assert moved[4:8].max() > 1e-6 and moved[8:].max() > 1e-6  # key / value rows still train (plain SGD:
-    # from this task's gradients alone, so a frozen block must not drop the shared bias's whole gradient)
+    old = new_batch(12)
+    collect(opt, m, *old)
+    assert all(p.is_zero for p in opt.projectors.values())  # nothing free anywhere
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    decayed = start["in_proj_bias"] * (1 - 0.1 * 0.5)  # what one plain AdamW step with zero gradient gives
+    assert (decayed - start["in_proj_bias"]).abs().max() > 1e-2  # weight decay would move it
+    for _ in range(3):
+        opt.zero_grad()
+        m(*new_batch())[0].square().sum().backward()
+        opt.step()
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach(), start[n]), n

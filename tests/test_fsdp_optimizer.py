@@ -3,8 +3,10 @@
 One spawn of two ranks (module fixture; spawning costs seconds). For each model (an MLP, a conv net with a
 grouped conv whose channel groups straddle the shard boundary, attention: packed q/k/v and separate q/k/v
 weights sharing one bias, a tiny CLIP with its ``x @ W`` image projection, called through ``encode_image`` /
-``encode_text`` as the MTIL loop calls it (``register_fsdp_forward_method``), and the MLP with bounded
-``statistics="sketch"``), float64, ``rho = 0``, AdamW with weight decay in ``mode="update"``:
+``encode_text`` as the MTIL loop calls it (``register_fsdp_forward_method``), its token embedding protected by
+the Embedding kind's row mask, the MLP with bounded ``statistics="sketch"``, and two embeddings whose
+vocabularies split unevenly over the ranks, one tied to the output layer), float64, ``rho = 0``, AdamW with
+weight decay in ``mode="update"``:
 
 1. every rank collects its own shard of task 0's data; ``end_task()`` all-reduces the statistics;
 2. three steps on each rank's own batch (FSDP2 averages the gradients); task 1 is collected the same way
@@ -13,7 +15,9 @@ weights sharing one bias, a tiny CLIP with its ``x @ W`` image projection, calle
    single process's state dict loaded into a *fresh* sharded one ("and back"); one more step on each.
 
 A single-process twin (a deep copy taken before ``fully_shard``) sees both ranks' data and the mean of their
-losses. The test process checks parameters, kept ranks and old outputs.
+losses. The test process checks parameters, kept ranks, old outputs and the embeddings' row masks (equal on
+every rank, old tokens' rows exactly still). Beside it, the sliced row mask is held to its dense twin (the
+one-hot ``eigh`` projector) for vocabularies that split evenly, unevenly, and leave a rank no rows.
 
 The CLIP and sketch cases use SGD (momentum, weight decay) instead of AdamW: Adam divides each coordinate by
 ``sqrt(v)``, so entries whose projected gradient is round-off (~1e-17 where the exact value is 0) take steps
@@ -40,12 +44,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 WORLD = 2
 F64 = torch.float64
-# The tiny CLIP's token embedding is protected by the Embedding kind (any-model work, merged after the FSDP2
-# integration); its row-mask projection has no sharded (DTensor) path yet, so the sharded run diverges from
-# one process (old outputs stay put: drift 1.9e-15, but trained parameters differ). Known, to be fixed.
-_EMBEDDING_UNDER_FSDP2 = pytest.mark.xfail(strict=True, reason="Embedding kind has no FSDP2 (DTensor) projection yet")
-MODELS = ("mlp", "conv", "attention", "clip", "mlp_sketch")
-CASES = [pytest.param(n, marks=_EMBEDDING_UNDER_FSDP2) if n == "clip" else n for n in MODELS]
+MODELS = ("mlp", "conv", "attention", "clip", "mlp_sketch", "embedding")
 
 
 class MLP(nn.Module):
@@ -77,6 +76,20 @@ class Attention(nn.Module):
         return self.att(seq, seq, seq)[0] + self.att2(seq, k, v)[0]
 
 
+class TiedLM(nn.Module):
+    """Embeddings whose vocabularies split unevenly over 2 ranks (7 rows: 4 + 3, FSDP2 pads the second shard;
+    5 rows: 3 + 2), a padding index, and the token embedding tied to the output layer (rows of one ``W``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.types = nn.Embedding(7, 8, padding_idx=0), nn.Embedding(5, 8)
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids, types):
+        return self.head(torch.tanh(self.fc(self.emb(ids) + self.types(types))))
+
+
 def tiny_clip() -> nn.Module:
     from gnsp_optim.reference.model import CLIP, CLIPConfig  # tests may use the reference model; the core not
 
@@ -95,6 +108,8 @@ def build(name: str) -> tuple[nn.Module, list[str], dict]:
         return ConvNet().double(), ["c1", "c2", ""], {}
     if name == "attention":
         return Attention().double(), ["att", "att2", ""], {}
+    if name == "embedding":
+        return TiedLM().double(), ["fc", ""], {}
     m = tiny_clip().double()
     units = [n for n, _ in m.named_modules() if n.endswith(("resblocks.0", "resblocks.1"))] + [""]
     return m, units, {"feature_sources": {"visual.proj": FeatureSource("visual.ln_post")}, "sgd": True}
@@ -115,6 +130,10 @@ def batch(name: str, seed: int, n: int):
         return (torch.randn(n, 3, 15, generator=g, dtype=F64),)
     if name == "attention_old":  # 2 tokens per sequence: the q/k/v and out_proj inputs keep a null space
         return (torch.randn(n, 2, 15, generator=g, dtype=F64),)
+    if name == "embedding":  # every token, padding included
+        return torch.randint(0, 7, (n, 4), generator=g), torch.randint(0, 5, (n, 4), generator=g)
+    if name == "embedding_old":  # tokens 1-3 (rows 0, 4-6 stay free), types 0-1: the head's inputs keep a null space
+        return torch.randint(1, 4, (n, 4), generator=g), torch.randint(0, 2, (n, 4), generator=g)
     return (torch.randn(n, 3, 8, 8, generator=g, dtype=F64), torch.randint(1, 20, (n, 5), generator=g))
 
 
@@ -157,8 +176,8 @@ def train(name: str, model, opt, steps: int, rank: int | None, seed: int) -> Non
 
 
 def old_data(name: str, r: int, task: int = 0):
-    kind = {"conv": "conv_old", "attention": "attention_old", "mlp": "mlp_old", "mlp_sketch": "mlp_old"}.get(name,
-                                                                                                          name)
+    kind = {"conv": "conv_old", "attention": "attention_old", "mlp": "mlp_old", "mlp_sketch": "mlp_old",
+            "embedding": "embedding_old"}.get(name, name)
     return batch(kind, 100 + 50 * task + r, (1, 2)[r] if name == "attention" else 3 + r)  # uneven shards
 
 
@@ -188,9 +207,17 @@ def shard(model: nn.Module, units: list[str], mesh) -> None:
         register_fsdp_forward_method(model, "encode_text")
 
 
-def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def free_rows(opt: NullSpaceOptimizer) -> dict[str, torch.Tensor]:
+    """``{embedding weight name: its free rows (bool)}``: the Embedding kind's row masks (task 0's)."""
+    return {b.weight_name: opt.projectors[b.name].basis[0, :, 0] > 0.5
+            for b in opt.blocks if type(b.kind).__name__ == "Embedding"}
 
+
+def _absmax(t: torch.Tensor) -> float:
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
     model, units, opts = build(name)
     ref = copy.deepcopy(model)
     start = copy.deepcopy(model)  # weights before any training, for the fresh sharded copy below
@@ -198,10 +225,14 @@ def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
     opt, ropt = make_opt(model, opts), make_opt(ref, opts)
     collect(name, model, opt, [rank])
     collect(name, ref, ropt, list(range(WORLD)))
+    free = free_rows(opt)  # embeddings: each rank's row mask must be the one process's (counts all-reduced)
+    out: dict = {"masks_equal": free.keys() == free_rows(ropt).keys()
+                 and all(torch.equal(m, free_rows(ropt)[k]) for k, m in free.items()),
+                 "free_rows": {k: int(m.sum()) for k, m in free.items()}}
     old = [old_data(name, r) for r in range(WORLD)]
     with torch.no_grad():
         before = [outputs(name, ref, b) for b in old]
-    out: dict = {"init_to_ref": max(float((flat(model)[k] - v).abs().max()) for k, v in flat(ref).items())}
+    out["init_to_ref"] = max(float((flat(model)[k] - v).abs().max()) for k, v in flat(ref).items())
     train(name, model, opt, 3, rank, seed=1)
     train(name, ref, ropt, 3, None, seed=1)
     # a second task: end_task now also projects the base optimizer's moments (DTensors under FSDP2)
@@ -212,6 +243,9 @@ def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
     p, rp = flat(model), flat(ref)
     out["params"] = max(float((p[k] - rp[k]).abs().max()) for k in rp)
     out["moved"] = max(float((rp[k] - flat(start)[k]).abs().max()) for k in rp)
+    s0 = flat(start)  # an embedding's rows of old tokens held under FSDP2, its free rows trained
+    out["emb_held"], out["emb_moved"] = ({k: _absmax((p[k] - s0[k])[sel(m)]) for k, m in free.items()}
+                                         for sel in (torch.logical_not, lambda m: m))
     with torch.no_grad():
         out["drift_sharded"] = max(float((a - outputs(name, model, b)).abs().max())
                                    for a, b in zip(before, old, strict=True))
@@ -220,7 +254,18 @@ def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
     out["ref_ranks"] = {n: list(q.kept_ranks) for n, q in ropt.projectors.items()}
     out["kinds"] = sorted({type(b.kind).__name__ for b in opt.blocks})
     out["stats"] = sorted({type(b.stat).__name__ for b in opt.blocks})
+    out.update(round_trip(name, (model, opt, ref, ropt), start, units, opts, rank, mesh, tmp))
+    return out
 
+
+def round_trip(name: str, runs: tuple, start: nn.Module, units: list[str], opts: dict, rank: int, mesh,
+               tmp: str) -> dict:
+    """Checkpoints of the trained ``runs`` (sharded model + optimizer, one process's): sharded -> one process
+    and back, one more step on each."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    model, opt, ref, ropt = runs
+    out: dict = {}
     # checkpoint, sharded -> one process: a fresh single-process model + optimizer loads it
     sd = opt.state_dict()  # a collective under FSDP2
     msd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -250,6 +295,36 @@ def one_model(name: str, rank: int, mesh, tmp: str) -> dict:
     return out
 
 
+def embedding_slices(mesh) -> list[tuple[int, int, int, float, int]]:
+    """The sliced row mask (each rank masks its own rows of a ``Shard(0)`` DTensor, through ``project_block``)
+    against the obvious dense twin, ``N N^T dW`` with ``N`` from ``eigh`` of the one-hot Gram matrix, for
+    vocabularies that split evenly (2, 20), unevenly (3, 7) and leave rank 1 no rows (1).
+    ``(vocab, first row, stop row, max difference, kept rank)`` per vocabulary, on this rank."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from gnsp_optim.fsdp import row_shard
+    from gnsp_optim.kinds import discover_blocks
+    from gnsp_optim.naive import one_hot_null_projector
+    from gnsp_optim.projection import project_block
+    from gnsp_optim.subspace import TailEnergy
+
+    out = []
+    for vocab in (1, 2, 3, 7, 20):
+        g = torch.Generator().manual_seed(vocab)
+        ids = torch.randint(0, vocab, (max(1, vocab // 2),), generator=g)  # some tokens used, others free
+        block = discover_blocks(nn.Embedding(vocab, 3).double(), {})[0]
+        block.stat.update(ids)
+        block.stat.fold()
+        proj = block.kind.projector(block, block.stat.memory, TailEnergy(0.0), dtype=F64)
+        delta = torch.randn(vocab, 3, generator=g, dtype=F64)
+        want = one_hot_null_projector([ids], vocab, TailEnergy(0.0)) @ delta
+        sharded = distribute_tensor(delta.clone(), mesh, [Shard(0)])
+        project_block(block, proj, sharded, None)
+        _, start, stop, _ = row_shard(sharded)
+        out.append((vocab, start, stop, float((sharded.full_tensor() - want).abs().max()), proj.kept_ranks[0]))
+    return out
+
+
 def _worker(rank: int, tmp: str) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -259,6 +334,7 @@ def _worker(rank: int, tmp: str) -> None:
 
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {name: one_model(name, rank, mesh, tmp) for name in MODELS}
+        results["embedding_slices"] = embedding_slices(mesh)
         torch.save(results, f"{tmp}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -270,7 +346,7 @@ def results(tmp_path_factory):
     return spawn_ranks(_worker, tmp_path_factory.mktemp("fsdp2_opt"), WORLD)
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", MODELS)
 def test_fsdp2_training_equals_one_process(results, name):
     for r in results:
         out = r[name]
@@ -280,9 +356,12 @@ def test_fsdp2_training_equals_one_process(results, name):
         assert out["sharded"][0] == "DTensor"  # really sharded
         assert out["moved"] > 1e-3  # training did something
         assert out["drift_sharded"] < 1e-9  # old outputs did not move under FSDP2
+        assert out["masks_equal"]
+        assert all(v == 0.0 for v in out["emb_held"].values()), out["emb_held"]  # old tokens' rows: exactly
+        assert all(v > 1e-3 for v in out["emb_moved"].values()), out["emb_moved"]
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", MODELS)
 def test_fsdp2_checkpoint_loads_into_one_process_and_back(results, name):
     for r in results:
         out = r[name]
@@ -298,3 +377,18 @@ def test_the_models_cover_the_kinds_and_statistics(results):
     assert "BareMatmul" in r["clip"]["kinds"] and "Conv" in r["clip"]["kinds"]
     assert r["mlp_sketch"]["stats"] == ["SketchStat"] and r["mlp"]["stats"] == ["CovarianceStat"]
     assert any(k < 7 * 1 for k in sum(r["mlp"]["ranks"].values(), []))  # a null space really remained
+    assert r["embedding"]["kinds"] == ["Embedding", "Linear"] and "Embedding" in r["clip"]["kinds"]
+    assert r["embedding"]["free_rows"] == {"emb.weight": 4, "types.weight": 3}  # rows 0, 4-6; types 2-4
+    assert 0 < r["clip"]["free_rows"]["token_embedding.weight"] < 20
+    tied = r["embedding"]["ranks"]["head"]  # the tied head's inputs: a null space remained
+    assert tied[0] < 8, tied
+
+
+def test_sharded_row_mask_equals_the_dense_one_hot_projector(results):
+    layouts = {r: [row[:3] for row in out["embedding_slices"]] for r, out in enumerate(results)}
+    assert layouts == {0: [(1, 0, 1), (2, 0, 1), (3, 0, 2), (7, 0, 4), (20, 0, 10)],  # torch.chunk rows
+                       1: [(1, 1, 1), (2, 1, 2), (3, 2, 3), (7, 4, 7), (20, 10, 20)]}  # V = 1: rank 1 empty
+    for out in results:
+        for vocab, _, _, diff, kept in out["embedding_slices"]:
+            assert diff < 1e-12, (vocab, diff)
+            assert vocab < 3 or 0 < kept < vocab  # used and free rows both present
