@@ -198,7 +198,14 @@ def _main(args, rank: int, world: int, log) -> int:
                           ref_size=args.ref_size, open_clip_model=args.open_clip_model,
                           fsdp=args.fsdp)
     t0 = time.time()
-    payload = run_experiment(spec, log=log)
+    try:
+        payload = run_experiment(spec, log=log)
+    except NotImplementedError as err:  # --fsdp refuses some methods before any job starts
+        if not args.fsdp:
+            raise
+        if rank == 0:
+            print(f"--fsdp: {err}", file=sys.stderr)
+        return 2
     log()
     log(format_table(payload))
     for line in diagnostics(payload):
