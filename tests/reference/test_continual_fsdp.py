@@ -11,8 +11,9 @@ killed during the second task's evaluation and resumed from the checkpoint writt
 
 from __future__ import annotations
 
-import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,9 @@ from gnsp_optim.reference.continual import METHODS, ContinualTask, RunConfig, ch
 from gnsp_optim.reference.model import CLIP, CLIPConfig
 from gnsp_optim.reference.pretrain import CaptionedImages, TensorImageDataset
 from gnsp_optim.reference.tokenizer import WordTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
+from helpers import spawn_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -113,17 +117,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mtil_fsdp")
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        torch.multiprocessing.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("mtil_fsdp"), WORLD)
 
 
 def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
