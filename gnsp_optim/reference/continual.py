@@ -36,15 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..fsdp import is_dtensor
 from ..integrations._common import collect_batches
 from ..optimizer import NullSpaceOptimizer
 from ..selection import GNSP_CLIP_VISUAL, FeatureSource
+from ..sharding import reshard_fsdp_modules
 from .files import append_log, atomic_save, atomic_write_text
 from .losses import cd_loss, ce_loss, map_loss
 from .metrics import continual_metrics, modality_gap, retrieval_recall, zeroshot_classifier
 
 __all__ = ["ContinualTask", "Method", "METHODS", "RunConfig", "run_continual", "dist_info", "evaluate",
-           "alignment_metrics", "warmup_cosine", "with_overrides"]
+           "alignment_metrics", "warmup_cosine", "with_overrides", "check_fsdp_method"]
 
 
 def _cls(t: torch.Tensor) -> torch.Tensor:
@@ -122,10 +124,15 @@ class RunConfig:
     ``batch_size`` / ``ref_batch_size``: task and reference batch (GNSP: 64 + 64); ``warmup``: linear warm-up
     steps of every task's schedule (then cosine to 0); ``eval_batch_size``: evaluation batch; ``out_dir``:
     ``log.jsonl``, ``checkpoint.pt`` and ``results.json`` go there; ``resume`` continues from the checkpoint.
+    ``fsdp``: shard the model with FSDP2 (``fully_shard`` on every residual block of both towers, then the
+    root) over the default process group (launch under ``torchrun``); the data are split over the ranks as in
+    the plain data-parallel run, so the numbers equal that run's to round-off. The caller's model is left
+    sharded. Not with ``l2init`` (its penalty on the sharded weights is not implemented) or a method that
+    protects the token embedding (``gnsp+cd+map/all``: the Embedding kind has no FSDP2 projection yet).
 
     Example:
-        >>> RunConfig(seed=3).batch_size
-        64
+        >>> RunConfig(seed=3).batch_size, RunConfig().fsdp
+        (64, False)
     """
 
     seed: int = 42
@@ -138,6 +145,7 @@ class RunConfig:
     progress: bool = True
     out_dir: str | None = None
     resume: bool = False
+    fsdp: bool = False
 
 
 _MLPS = ("visual.transformer.resblocks.*.mlp.c_fc.weight", "visual.transformer.resblocks.*.mlp.c_proj.weight")
@@ -200,17 +208,84 @@ def _barrier() -> None:
 
 
 def _average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """DDP's gradient averaging, for a loop that calls ``encode_image`` / ``encode_text`` directly."""
+    """DDP's gradient averaging, for a loop that calls ``encode_image`` / ``encode_text`` directly.
+
+    FSDP2-sharded parameters (``DTensor`` s) are skipped: FSDP2's backward already reduce-scattered (averaged)
+    their gradients; only plain parameters (an unsharded model, or ones left out of sharding) are all-reduced.
+    """
     import torch.distributed as dist
 
     world = dist_info()[1]
     if world == 1:
         return
     for p in params:
+        if is_dtensor(p):
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad.div_(world)
+
+
+def check_fsdp_method(model, method: Method) -> None:
+    """Raise ``NotImplementedError`` naming the reason when ``run_continual`` cannot run ``method`` on ``model``
+    correctly under ``RunConfig(fsdp=True)``: ``l2init`` (its penalty on sharded weights), and a method that
+    protects an ``nn.Embedding`` (the Embedding kind has no FSDP2 projection yet).
+
+    Example:
+        >>> check_fsdp_method(torch.nn.Linear(2, 2), METHODS["gnsp+cd+map"])   # nothing to refuse
+        >>> check_fsdp_method(torch.nn.Embedding(5, 2), METHODS["gnsp+cd+map/all"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        NotImplementedError: method 'gnsp+cd+map/all' under RunConfig(fsdp=True) protects the token embedding ...
+    """
+    if method.l2_weight:
+        raise NotImplementedError(f"method {method.name!r} under RunConfig(fsdp=True): the L2-to-initial penalty "
+                                  "is not implemented on FSDP2-sharded weights; run it without --fsdp")
+    if not (method.projection and method.train):
+        return
+    protect = method.protect if method.protect is not None else method.layers
+    embeddings = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+                  if isinstance(m, torch.nn.Embedding)]
+    hit = [e for e in embeddings if protect is None or any(fnmatch.fnmatchcase(e, p) for p in protect)]
+    if hit:  # gnsp_optim.fsdp projects row-sharded Linear/Conv/attention/x @ W weights; not the Embedding kind
+        raise NotImplementedError(f"method {method.name!r} under RunConfig(fsdp=True) protects the token "
+                                  f"embedding {hit}: the Embedding kind (a row mask) has no FSDP2 (DTensor) "
+                                  "projection yet, so the run would silently differ from an unsharded one; "
+                                  "run it without --fsdp, or choose a preset that does not protect embeddings")
+
+
+def _shard_model(model: torch.nn.Module, device) -> None:
+    """FSDP2 over the default process group: ``fully_shard`` every residual block of both towers (children of
+    any ``resblocks`` list), then the root with its 0-d parameters (``logit_scale``, which never trains) left
+    out; ``encode_image`` / ``encode_text`` registered as forward methods (the loop calls those, not forward).
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("RunConfig(fsdp=True) needs an initialised torch.distributed process group "
+                           "(launch under torchrun, e.g. torchrun --nproc_per_node 2 benchmarks/mtil_clip.py --fsdp)")
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    blocks = [blk for name, mod in model.named_modules() if name.split(".")[-1] == "resblocks"
+              for blk in mod.children()]
+    for blk in blocks:
+        fully_shard(blk, mesh=mesh)
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    fully_shard(model, mesh=mesh, ignored_params=scalars or None)
+    for meth in ("encode_image", "encode_text"):
+        if hasattr(model, meth):
+            register_fsdp_forward_method(model, meth)
+
+
+def _model_state(model: torch.nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The model's full state dict for a checkpoint (under FSDP2 a collective: call on every rank; rank 0
+    gets the full tensors on the CPU, the others an empty dict). Same keys as an unsharded model's."""
+    if not fsdp:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -441,8 +516,11 @@ def run_continual(
     """
     if method.uses_reference and references is None:
         raise ValueError(f"method {method.name!r} uses CD/MAP losses and needs reference pairs (references=)")
+    if config.fsdp:
+        check_fsdp_method(model, method)
     device = config.device
     model.to(device)
+    # the frozen initial model (CD's teacher) is an unsharded copy, taken before any sharding
     initial = copy.deepcopy(model).eval() if (method.cd_weight or method.l2_weight) else None
     if initial is not None:
         for p in initial.parameters():
@@ -460,13 +538,17 @@ def run_continual(
     if out_dir and is_main:
         os.makedirs(out_dir, exist_ok=True)
     identity = {"method": asdict(method), "tasks": [t.name for t in tasks], "seed": config.seed}
+    ckpt = None
     if config.resume and ckpt_path and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         if ckpt.get("identity") != identity:
             raise ValueError(f"{ckpt_path} was written by another method, seed or task list; refusing to resume")
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # a full state dict (also under FSDP2), loaded before sharding
         matrix, align, seconds, start_task = ckpt["matrix"], ckpt["align"], ckpt["seconds"], ckpt["next_task"]
-        if ckpt["opt"] is not None:
+    if config.fsdp:
+        _shard_model(model, device)
+    if ckpt is not None:
+        if ckpt["opt"] is not None:  # built on the (sharded) parameters; a full state dict loads into it
             opt = _make_optimizer(model, method, 1.0)
             opt.load_state_dict(ckpt["opt"])
         if is_main:
@@ -483,20 +565,26 @@ def run_continual(
             _train_task(model, tokenizer, task, i, method, opt, initial, ref, config, bar)
         seconds.append(time.time() - t_task)
         if method.train or not matrix:
+            # under FSDP2 every rank runs the same evaluation forwards (they all-gather weights), then the
+            # no-grad passes' gathered root weights are freed (resharded)
             row = evaluate(model, tokenizer, tasks, device, config.eval_batch_size, learnt=i,
                            eval_templates=method.eval_templates, cache=classifiers)
             align.append(alignment_metrics(model, tokenizer, pairs, device, config.eval_batch_size))
+            reshard_fsdp_modules(model)
         else:  # an untrained model gives the same numbers after every task: measured once
             row, _ = list(matrix[-1]), align.append(dict(align[-1]))
         matrix.append(row)
         if method.projection and method.train and i < len(tasks) - 1:
             opt = _gather_statistics(model, tokenizer, task, method, opt, device, config.workers)
         record = {"task": i, "name": task.name, "accuracy": row, "train_seconds": seconds[-1], **align[-1]}
-        if out_dir and is_main:  # checkpoint first: a kill between the two writes re-runs this task on resume
-            atomic_save({"identity": identity, "model": model.state_dict(),
-                         "opt": None if opt is None else opt.state_dict(), "matrix": matrix, "align": align,
-                         "seconds": seconds, "next_task": i + 1}, ckpt_path)
-            append_log(os.path.join(out_dir, "log.jsonl"), record, keep_before=i)
+        if out_dir and (is_main or config.fsdp):  # under FSDP2 both state dicts are collectives: every rank
+            model_sd = _model_state(model, config.fsdp)
+            opt_sd = None if opt is None else opt.state_dict()
+            if is_main:  # checkpoint first: a kill between the two writes re-runs this task on resume
+                atomic_save({"identity": identity, "model": model_sd, "opt": opt_sd, "matrix": matrix,
+                             "align": align, "seconds": seconds, "next_task": i + 1}, ckpt_path)
+                append_log(os.path.join(out_dir, "log.jsonl"), record, keep_before=i)
+            del model_sd, opt_sd
         _barrier()
     if bar is not None:
         bar.close()
@@ -569,6 +657,7 @@ def _train_task(model, tokenizer, task: ContinualTask, i: int, method: Method, o
             if ref_tokens is not None:
                 ref_text_features = torch.cat([model.encode_text(ref_tokens[k:k + 256])
                                                for k in range(0, len(ref_tokens), 256)])
+        reshard_fsdp_modules(model)  # FSDP2: a no-grad pass leaves the root's weights gathered
     for step in range(task.iterations):
         for g in optimizer.param_groups:
             g["lr"] = task.lr * warmup_cosine(step, task.iterations, config.warmup)

@@ -30,7 +30,15 @@ from typing import Any
 
 import torch
 
-from .continual import METHODS, ContinualTask, RunConfig, dist_info, run_continual, with_overrides
+from .continual import (
+    METHODS,
+    ContinualTask,
+    RunConfig,
+    check_fsdp_method,
+    dist_info,
+    run_continual,
+    with_overrides,
+)
 from .files import atomic_write_text
 
 __all__ = ["DEFAULT_METHODS", "ExperimentSpec", "Setup", "aggregate", "diagnostics", "format_table",
@@ -52,7 +60,9 @@ class ExperimentSpec:
 
     ``seeds``: fine-tuning seeds (the pre-trained model is one fixed checkpoint); ``workers``: processes
     running ``(method, seed)`` jobs side by side, one torch thread each (``1``: in this process).
-    ``quick``: the same pipeline on reduced data and iterations (a smoke test).
+    ``quick``: the same pipeline on reduced data and iterations (a smoke test). ``fsdp``: shard each job's
+    model with FSDP2 over the ranks of a ``torchrun`` launch (``RunConfig.fsdp``; jobs then run one after
+    another in the launched processes).
 
     Example:
         >>> ExperimentSpec(seeds=(1, 2)).seeds
@@ -81,6 +91,7 @@ class ExperimentSpec:
     tasks: tuple[str, ...] | None = None
     ref_size: int = 1000
     open_clip_model: str | None = None
+    fsdp: bool = False
 
     def method(self, name: str):
         """The preset ``name`` with this run's overrides (``rho``)."""
@@ -159,7 +170,7 @@ def offline_setup(spec: ExperimentSpec) -> Setup:
                            TensorImageDataset(t.test_images, t.test_labels), lr, it)
              for t, lr, it in zip(data.tasks, sched["lr"], iterations, strict=True)]
     run = RunConfig(batch_size=batch, ref_batch_size=ref_batch, warmup=warmup, device=spec.device,
-                    progress=spec.progress, resume=spec.resume)
+                    progress=spec.progress, resume=spec.resume, fsdp=spec.fsdp)
     info = {"checkpoint": record.get("file"), "checkpoint_sha256": record.get("sha256"),
             "pretrain_seconds": record.get("train_seconds"), "logit_scale": float(model.logit_scale.detach().exp()),
             **sizes, "lr": list(sched["lr"]), "iterations": iterations}
@@ -215,7 +226,7 @@ def mtil_setup(spec: ExperimentSpec) -> Setup:
     pairs = references(-1, 0)  # held-out paired set for the gap and retrieval: its own seed
     run = RunConfig(batch_size=sched["batch_size"], ref_batch_size=sched["reference_batch_size"],
                     warmup=sched["warmup"] if spec.warmup is None else spec.warmup, device=spec.device,
-                    progress=spec.progress, resume=spec.resume)
+                    progress=spec.progress, resume=spec.resume, fsdp=spec.fsdp)
     info = {"order": spec.order, "clip": spec.clip, "open_clip_model": spec.open_clip_model,
             "lr": [t.lr for t in tasks], "iterations": [t.iterations for t in tasks]}
     return Setup(tasks, tok, model, references, pairs, run, info)
@@ -624,6 +635,9 @@ def run_experiment(spec: ExperimentSpec, log=print) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     setup = build_setup(spec)
+    if spec.fsdp:  # refuse what FSDP2 cannot run before any job starts
+        for name in spec.methods:
+            check_fsdp_method(setup.model, spec.method(name))
     log(f"{len(setup.tasks)} tasks: " + ", ".join(f"{t['name']} ({t['n_test']} test, chance {t['chance']:.1f}%)"
                                                   for t in setup.task_records))
     results = run_jobs(spec, setup if spec.workers <= 1 or dist_info()[1] > 1 else None, log=log)
