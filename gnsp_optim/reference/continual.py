@@ -229,29 +229,18 @@ def _average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def check_fsdp_method(model, method: Method) -> None:
     """Raise ``NotImplementedError`` naming the reason when ``run_continual`` cannot run ``method`` on ``model``
-    correctly under ``RunConfig(fsdp=True)``: ``l2init`` (its penalty on sharded weights), and a method that
-    protects an ``nn.Embedding`` (the Embedding kind has no FSDP2 projection yet).
+    correctly under ``RunConfig(fsdp=True)``: ``l2init`` (its penalty on sharded weights). Every projection
+    preset runs sharded (the token embedding's row mask included, see :mod:`gnsp_optim.fsdp`).
 
     Example:
-        >>> check_fsdp_method(torch.nn.Linear(2, 2), METHODS["gnsp+cd+map"])   # nothing to refuse
-        >>> check_fsdp_method(torch.nn.Embedding(5, 2), METHODS["gnsp+cd+map/all"])  # doctest: +ELLIPSIS
+        >>> check_fsdp_method(torch.nn.Linear(2, 2), METHODS["gnsp+cd+map/all"])   # nothing to refuse
+        >>> check_fsdp_method(torch.nn.Linear(2, 2), METHODS["l2init"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
-        NotImplementedError: method 'gnsp+cd+map/all' under RunConfig(fsdp=True) protects the token embedding ...
+        NotImplementedError: method 'l2init' under RunConfig(fsdp=True): the L2-to-initial penalty ...
     """
     if method.l2_weight:
         raise NotImplementedError(f"method {method.name!r} under RunConfig(fsdp=True): the L2-to-initial penalty "
                                   "is not implemented on FSDP2-sharded weights; run it without --fsdp")
-    if not (method.projection and method.train):
-        return
-    protect = method.protect if method.protect is not None else method.layers
-    embeddings = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
-                  if isinstance(m, torch.nn.Embedding)]
-    hit = [e for e in embeddings if protect is None or any(fnmatch.fnmatchcase(e, p) for p in protect)]
-    if hit:  # gnsp_optim.fsdp projects row-sharded Linear/Conv/attention/x @ W weights; not the Embedding kind
-        raise NotImplementedError(f"method {method.name!r} under RunConfig(fsdp=True) protects the token "
-                                  f"embedding {hit}: the Embedding kind (a row mask) has no FSDP2 (DTensor) "
-                                  "projection yet, so the run would silently differ from an unsharded one; "
-                                  "run it without --fsdp, or choose a preset that does not protect embeddings")
 
 
 def _shard_model(model: torch.nn.Module, device) -> None:
