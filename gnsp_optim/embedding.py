@@ -49,7 +49,9 @@ class TokenCountStat:
     normalised as ``normalize`` says (``"sum"``: raw counts; ``"mean"``: divided by the task's token count,
     as :class:`~gnsp_optim.statistics.CovarianceStat` divides a Gram matrix by its rows; ``"frobenius"``:
     divided by the counts' norm, the Frobenius norm of ``diag(counts)``). ``memory`` is ``None`` before the
-    first finished task. ``padding_idx`` is not counted: its row never receives a gradient from the embedding.
+    first finished task. ``padding_idx`` is counted like any token: its row receives no gradient from the
+    embedding, but weight decay, a tied output layer or an update-mode step can still move it, and old outputs
+    at padding positions would move with it (holding it costs no plasticity).
     The optimizer drives it through the same calls as a ``CovarianceStat`` (``seen``, ``merged_memory``,
     ``fold``, ``clear_task``, ``all_reduce_``); ``row_fraction`` is ignored (counting every token is cheap
     and protects at least as much).
@@ -58,7 +60,7 @@ class TokenCountStat:
         >>> st = TokenCountStat(4, padding_idx=0)
         >>> st.update(torch.tensor([0, 0, 3]))
         >>> st.task_counts.tolist()
-        [0, 0, 0, 1]
+        [2, 0, 0, 1]
     """
 
     groups = 1
@@ -95,10 +97,7 @@ class TokenCountStat:
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got [{int(flat.min())}, "
                              f"{int(flat.max())}]")
-        counts = torch.bincount(flat, minlength=self.num_embeddings)
-        if self.padding_idx is not None:
-            counts[self.padding_idx] = 0
-        self.task_counts += counts
+        self.task_counts += torch.bincount(flat, minlength=self.num_embeddings)
 
     @property
     def seen(self) -> bool:

@@ -77,7 +77,7 @@ def test_embedding_padding_idx_and_report():
         model(torch.tensor([[0, 0, 3, 5]]))
     quiet_end_task(opt)
     row = next(r for r in opt.report() if r["layer"] == "0")
-    assert (row["kept_rank"], row["null_dim"], row["form"]) == (2, 4, "diagonal")  # tokens 3, 5 held
+    assert (row["kept_rank"], row["null_dim"], row["form"]) == (3, 3, "diagonal")  # tokens 0 (padding), 3, 5
     assert row["projector_bytes"] == 6 * 8  # a mask of V numbers, not V x V
 
 
@@ -357,3 +357,25 @@ def test_outside_use_watch_is_bounded_without_a_model_call():
             for _ in range(3):
                 model.encode_b(x)
                 model.encode_a(x)
+
+
+def test_embedding_padding_row_is_held_under_weight_decay():
+    """The padding row gets no gradient, but AdamW's decay (update mode) would move it: it is protected."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 4, padding_idx=0).double()
+    with torch.no_grad():
+        emb.weight[0] = 1.0  # a non-zero padding row (e.g. a loaded model)
+    model = nn.Sequential(emb, nn.Linear(4, 2)).double()
+    opt = NullSpaceOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.5), model, rho=0.0,
+                             mode="update")
+    old = torch.tensor([[0, 0, 3, 5]])
+    with opt.collect(), torch.no_grad():
+        model(old)
+    quiet_end_task(opt)
+    before = model(old).detach()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.tensor([[1, 2, 4, 0]])).pow(2).sum().backward()
+        opt.step()
+    assert torch.allclose(model(old), before, atol=1e-12)
+    assert not torch.equal(emb.weight[1], torch.zeros(4, dtype=torch.float64))

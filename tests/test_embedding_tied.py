@@ -33,7 +33,7 @@ def test_token_counts_accumulate_over_tasks_and_check_their_input():
     assert not st_.seen
     st_.update(torch.nested.nested_tensor([torch.tensor([2]), torch.tensor([2, 1])]))
     st_.fold()
-    assert st_.memory.tolist() == [1, 1, 2, 0, 0] and st_.tasks_folded == 2
+    assert st_.memory.tolist() == [1, 1, 2, 0, 2] and st_.tasks_folded == 2  # padding counted too
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         st_.update(torch.tensor([5]))
     with pytest.raises(ValueError, match="rows"):
