@@ -79,7 +79,9 @@ class Method:
     ``stats_batch_size``: batch of the statistics pass (the per-batch Frobenius rule depends on it).
     ``eval_templates``: ``"all"`` (the full ensemble) or ``"first_for_learnt"`` (the public code's rule:
     already-learnt tasks scored with the first template only). ``map_label_smoothing``: MAP's own smoothing
-    (``None``: ``label_smoothing``, the paper's 0.2).
+    (``None``: ``label_smoothing``, the paper's 0.2). ``weight_ensemble_every``: ZSCL's weight ensemble
+    (``k > 0``): every ``k`` steps (and after the last) the trained weights join a running mean that starts
+    from the weights before the task, and the task ends with that mean (``0``: off).
 
     Example:
         >>> METHODS["gnsp+cd+map"].map_weight, METHODS["gnsp+cd+map"].stats_batch_size
@@ -103,6 +105,7 @@ class Method:
     label_smoothing: float = 0.2
     map_label_smoothing: float | None = None
     cd_temperature: float = 2.0
+    weight_ensemble_every: int = 0
 
     def __post_init__(self) -> None:
         if self.visual_proj_history not in ("renormalise", "accumulate"):
@@ -166,6 +169,7 @@ METHODS: dict[str, Method] = {
     "finetune/visual": Method("finetune/visual", layers=("visual.*",)),
     "l2init": Method("l2init", l2_weight=1.0),
     "finetune+cd": Method("finetune+cd", cd_weight=1.0),
+    "finetune+cd/we": Method("finetune+cd/we", cd_weight=1.0, weight_ensemble_every=5),
     "gnsp/noproj": Method("gnsp/noproj", layers=_PAPER_LAYERS),
     "gnsp": Method("gnsp", **_PAPER),
     "gnsp+cd": Method("gnsp+cd", cd_weight=1.0, **_PAPER),
@@ -229,7 +233,8 @@ def _average_gradients(params: list[torch.nn.Parameter]) -> None:
 
 def check_fsdp_method(model, method: Method) -> None:
     """Raise ``NotImplementedError`` naming the reason when ``run_continual`` cannot run ``method`` on ``model``
-    correctly under ``RunConfig(fsdp=True)``: ``l2init`` (its penalty on sharded weights). Every projection
+    correctly under ``RunConfig(fsdp=True)``: ``l2init`` (its penalty on sharded weights) and the weight
+    ensemble (``finetune+cd/we``: not tested on sharded weights). Every projection
     preset runs sharded (the token embedding's row mask included, see :mod:`gnsp_optim.fsdp`).
 
     Example:
@@ -241,6 +246,9 @@ def check_fsdp_method(model, method: Method) -> None:
     if method.l2_weight:
         raise NotImplementedError(f"method {method.name!r} under RunConfig(fsdp=True): the L2-to-initial penalty "
                                   "is not implemented on FSDP2-sharded weights; run it without --fsdp")
+    if method.weight_ensemble_every:
+        raise NotImplementedError(f"method {method.name!r} under RunConfig(fsdp=True): the weight ensemble is "
+                                  "not tested on FSDP2-sharded weights; run it without --fsdp")
 
 
 def _shard_model(model: torch.nn.Module, device) -> None:
@@ -604,6 +612,43 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+class WeightEnsemble:
+    """ZSCL's weight ensemble over one task: a running mean of the parameters, sampled every few steps.
+
+    It starts from the parameters as they are (the weights before the task); :meth:`add` folds in the current
+    ones (``mean += (p - mean) / n``), :meth:`load` writes the mean back into the parameters. A mean of
+    weights that each leave old inputs' outputs unchanged leaves them unchanged too, so it composes with
+    null-space projection.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> we = WeightEnsemble([p])
+        >>> with torch.no_grad():
+        ...     _ = p.fill_(3.0)
+        >>> we.add(); we.load()
+        >>> p.tolist()  # the mean of the start (0) and one sample (3)
+        [1.5, 1.5]
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self.params = list(params)
+        self.mean = [p.detach().clone() for p in self.params]
+        self.count = 1
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """Fold the current parameters into the mean."""
+        self.count += 1
+        for m, p in zip(self.mean, self.params, strict=True):
+            m.add_(p.detach() - m, alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """Write the mean into the parameters."""
+        for m, p in zip(self.mean, self.params, strict=True):
+            p.copy_(m)
+
+
 def _train_task(model, tokenizer, task: ContinualTask, i: int, method: Method, opt, initial, reference,
                 config: RunConfig, bar) -> None:
     device = config.device
@@ -622,6 +667,7 @@ def _train_task(model, tokenizer, task: ContinualTask, i: int, method: Method, o
     prompts = tokenizer([task.templates[0].format(c) for c in task.classnames]).to(device)
     data = _cycle(task.train, config.batch_size, config.seed * 100 + i, config.workers, shard=True)
     trained = [p for p in model.parameters() if p.requires_grad]
+    ensemble = WeightEnsemble(trained) if method.weight_ensemble_every > 0 else None
     ref_batches = ref_tokens = None
     if reference is not None:
         # reference items are (image, class index); class k is captioned reference.class_captions[k];
@@ -673,6 +719,12 @@ def _train_task(model, tokenizer, task: ContinualTask, i: int, method: Method, o
         loss.backward()
         _average_gradients(trained)
         optimizer.step()
+        if ensemble is not None and (step + 1) % method.weight_ensemble_every == 0:
+            ensemble.add()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(task=task.name, loss=f"{loss.item():.3f}", refresh=False)
+    if ensemble is not None:
+        if task.iterations % method.weight_ensemble_every:  # the final weights always join the mean
+            ensemble.add()
+        ensemble.load()

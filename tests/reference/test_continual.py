@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gnsp_optim.reference import continual
 from gnsp_optim.reference.continual import (
@@ -252,3 +254,28 @@ def test_evaluate_cache_reuses_only_while_the_text_tower_is_unchanged():
     changed = continual.evaluate(model, tok, tasks, "cpu", cache=cache)
     assert changed == continual.evaluate(model, tok, tasks, "cpu")
     assert all(cache[k][0] != keys_before[k] for k in cache)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**31 - 1))
+def test_weight_ensemble_is_the_mean_of_the_start_and_the_samples(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(3, 2, generator=g, dtype=torch.float64))
+    samples = [p.detach().clone()]
+    we = continual.WeightEnsemble([p])
+    for _ in range(n):
+        with torch.no_grad():
+            p.copy_(torch.randn(3, 2, generator=g, dtype=torch.float64))
+        samples.append(p.detach().clone())
+        we.add()
+    we.load()
+    torch.testing.assert_close(p.detach(), torch.stack(samples).mean(0), rtol=0, atol=1e-12)
+
+
+def test_weight_ensemble_preset_trains_and_differs_from_plain_cd():
+    we, cd = run(METHODS["finetune+cd/we"]), run(METHODS["finetune+cd"])
+    assert len(we["matrix"]) == 3 and we["config"]["weight_ensemble_every"] == 5
+    # 4 iterations per task, every=5: the final weights still join the mean (start + final) / 2, so the
+    # preset trains (its alignment moves from the start) and ends elsewhere than plain CD
+    assert we["alignment"][-1] != we["alignment"][0]
+    assert we["alignment"][-1] != cd["alignment"][-1]

@@ -155,6 +155,8 @@ def test_fsdp_refuses_what_it_cannot_run_correctly():
         check_fsdp_method(model, METHODS[name])
     with pytest.raises(NotImplementedError, match="l2init.*L2"):
         check_fsdp_method(model, METHODS["l2init"])
+    with pytest.raises(NotImplementedError, match="finetune\\+cd/we.*weight ensemble"):
+        check_fsdp_method(model, METHODS["finetune+cd/we"])
 
 
 def test_fsdp_without_a_process_group_says_how_to_launch():
