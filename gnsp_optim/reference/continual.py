@@ -182,8 +182,8 @@ _PAPER = dict(projection=True, layers=_PAPER_LAYERS, normalize="frobenius", visu
 _OURS = dict(projection=True, mode="update", normalize="mean")
 
 _UPDATE = dict(cd_weight=1.0, map_weight=0.75, layers=_OUR_LAYERS, **_OURS)
-#: the tiny CLIP's protected inputs are 128 (visual.proj), 129 (c_fc + bias) and 513 (c_proj + bias) wide:
-#: a 64-row sketch of every one of them keeps 50% / 50% / 12.5% of the width
+#: the tiny CLIP's protected statistics are 129 (visual.proj's 128 inputs and c_fc's, plus the constant column)
+#: and 513 (c_proj) wide: a 64-row sketch of every one of them keeps 50% / 12.5% of the width
 _SKETCH = dict(statistics="sketch", sketch_rank=64, sketch_min_width=128)
 
 #: Named presets. ``gnsp*`` without a suffix = the public code's choices (grad projection + AdamW, rho 0.15,
