@@ -25,9 +25,13 @@ Usage::
 
     python benchmarks/offline_statistics.py --workers 2              # 3 presets x seeds 1,2,3 (~20-30 min here)
     python benchmarks/offline_statistics.py --quick --seeds 1        # smoke test of the pipeline (~1 min)
+    python benchmarks/offline_statistics.py --timing-only            # only the side-by-side pass timing
 
 Writes the experiment's ``results.json`` / matrices / plots to ``--out`` and this report (text and JSON) to
-``--report`` (default ``<out>/offline_statistics.{txt,json}``).
+``--report`` (default ``<out>/offline_statistics.{txt,json}``). The jobs' own seconds are ratios within one
+run only while the machine's load stays the same (on a shared box it need not: the jobs run at different
+times), so the script also times each preset's pass on the first task side by side in one process
+(``--timing-rounds``, interleaved; ``--timing-only`` runs just that).
 """
 
 from __future__ import annotations
@@ -148,6 +152,38 @@ def report(results: dict[str, dict[int, dict]], payload: dict, log) -> dict:
     return summary
 
 
+def time_passes(setup, methods: tuple[str, ...], rounds: int, log) -> dict:
+    """The statistics pass + ``end_task`` of each preset on the first task's training data from the pre-trained
+    model, interleaved in one process (the order rotates every round): timings comparable side by side, which
+    the jobs' own seconds are not when the machine's load changes during the run."""
+    from gnsp_optim.reference import continual
+
+    task = setup.tasks[0]
+    times: dict[str, dict[str, list[float]]] = {m: {"collect": [], "end_task": [], "samples": []} for m in methods}
+    for r in range(rounds):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for m in order:
+            method = continual.METHODS[m]
+            opt = continual._gather_statistics(setup.model, setup.tokenizer, task, method, None, "cpu", 0)
+            rec = continual._statistics_record(opt, 0)["statistics"]
+            times[m]["collect"].append(rec["collect_seconds"])
+            times[m]["end_task"].append(rec["end_task_seconds"])
+            times[m]["samples"].append(rec["samples"])
+            opt.remove_hooks()
+    log(f"\nside by side in one process ({rounds} interleaved rounds, task {task.name!r}, {len(task.train)} "
+        "images, the pre-trained model), mean +- SE over rounds; ratios to the exact preset per round")
+    log(f"{'method':<28} {'samples':>8} {'collect s':>14} {'ratio':>13} {'end_task s':>14} {'ratio':>13}")
+    out = {}
+    for m in methods:
+        t = times[m]
+        rc = {i: a / b for i, (a, b) in enumerate(zip(t["collect"], times[EXACT]["collect"], strict=True))}
+        re = {i: a / b for i, (a, b) in enumerate(zip(t["end_task"], times[EXACT]["end_task"], strict=True))}
+        log(f"{m:<28} {int(t['samples'][0]):>8} {pm(dict(enumerate(t['collect'])), '.2f'):>14} {pm(rc, '.3f'):>13} "
+            f"{pm(dict(enumerate(t['end_task'])), '.3f'):>14} {pm(re, '.3f'):>13}")
+        out[m] = {**t, "collect_ratio": list(rc.values()), "end_task_ratio": list(re.values())}
+    return out
+
+
 def rec_pair(rec: dict, key: str) -> dict:
     return {"mean": rec[key], "se": rec.get(f"{key}_se")}
 
@@ -161,6 +197,8 @@ def main() -> None:
     p.add_argument("--out", default="results/offline_statistics")
     p.add_argument("--report", default=None, help="path stem of the report (.txt and .json)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--timing-rounds", type=int, default=3, help="interleaved side-by-side passes after the jobs")
+    p.add_argument("--timing-only", action="store_true", help="only the side-by-side timing (no training jobs)")
     args = p.parse_args()
     torch.set_num_threads(1)
     methods = tuple(args.methods.split(","))
@@ -178,13 +216,16 @@ def main() -> None:
     setup = build_setup(spec)
     log(f"offline mini-MTIL{' (--quick)' if args.quick else ''}: {len(setup.tasks)} tasks, "
         f"{len(setup.tasks[0].train)} training images per task, seeds {list(spec.seeds)}, {spec.workers} workers")
-    results = run_jobs(spec, setup if spec.workers <= 1 else None, log=log)
-    seconds = time.time() - t0
     config = {"mode": "offline", "quick": args.quick, "methods": list(methods), "seeds": list(spec.seeds),
               "workers": spec.workers, "threads_per_worker": 1, **setup.info}
-    payload = aggregate(results, setup.task_records, config, seconds)
-    write_outputs(args.out, payload, log=log)
-    summary = report(results, payload, log)
+    summary: dict = {}
+    if not args.timing_only:
+        results = run_jobs(spec, setup if spec.workers <= 1 else None, log=log)
+        payload = aggregate(results, setup.task_records, config, time.time() - t0)
+        write_outputs(args.out, payload, log=log)
+        summary = report(results, payload, log)
+    if args.timing_rounds:
+        summary["side_by_side"] = time_passes(setup, methods, args.timing_rounds, log)
     log(f"\ntotal {time.time() - t0:.0f} s; results in {args.out}")
     stem = args.report or os.path.join(args.out, "offline_statistics")
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
