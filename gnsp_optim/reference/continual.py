@@ -28,6 +28,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -36,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from ..convergence import CRITERIA
 from ..fsdp import is_dtensor
 from ..integrations._common import collect_batches
-from ..optimizer import NullSpaceOptimizer
+from ..monitor import ProtectionMonitor
+from ..optimizer import STATISTICS, NullSpaceOptimizer
 from ..selection import GNSP_CLIP_VISUAL, FeatureSource
 from ..sharding import reshard_fsdp_modules
 from .files import append_log, atomic_save, atomic_write_text
@@ -83,6 +86,17 @@ class Method:
     (``k > 0``): every ``k`` steps (and after the last) the trained weights join a running mean that starts
     from the weights before the task, and the task ends with that mean (``0``: off).
 
+    The statistics pass (issue 14): ``statistics`` / ``sketch_rank`` / ``sketch_min_width`` are the
+    ``NullSpaceOptimizer`` options of the same names (``"sketch"``: a frequent-directions sketch of
+    ``sketch_rank`` rows for inputs at least ``sketch_min_width`` wide, bias column counted).
+    ``stop_when_converged``: stop feeding the finished task's images once the protected subspaces stopped
+    changing (``collect(stop_when_converged=...)`` with a ``ConvergenceMonitor`` of ``convergence_every``,
+    ``convergence_tol``, ``convergence_patience``, ``convergence_criterion``); the text prompts, when the
+    preset trains the text tower, are fed either way. ``drift_sample``: test images of each finished task
+    whose image features are remembered at its statistics pass; the run logs their relative drift
+    (``ProtectionMonitor``) at every later pass and at the end (0: off; evaluation-mode forwards only, the
+    training numbers do not change).
+
     Example:
         >>> METHODS["gnsp+cd+map"].map_weight, METHODS["gnsp+cd+map"].stats_batch_size
         (0.75, 16)
@@ -106,6 +120,15 @@ class Method:
     map_label_smoothing: float | None = None
     cd_temperature: float = 2.0
     weight_ensemble_every: int = 0
+    statistics: str = "exact"
+    sketch_rank: int = 256
+    sketch_min_width: int = 2048
+    stop_when_converged: bool = False
+    convergence_every: int = 10
+    convergence_tol: float = 0.02
+    convergence_patience: int = 2
+    convergence_criterion: str = "subspace"
+    drift_sample: int = 64
 
     def __post_init__(self) -> None:
         if self.visual_proj_history not in ("renormalise", "accumulate"):
@@ -113,6 +136,16 @@ class Method:
                              f"got {self.visual_proj_history!r}")
         if self.eval_templates not in ("all", "first_for_learnt"):
             raise ValueError(f"Method {self.name!r}: eval_templates must be 'all' or 'first_for_learnt'")
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"Method {self.name!r}: statistics must be one of {STATISTICS}, got {self.statistics!r}")
+        if self.statistics == "sketch" and self.visual_proj_history == "renormalise":
+            raise ValueError(f"Method {self.name!r}: visual_proj_history='renormalise' rescales a dense memory; "
+                             "use 'accumulate' with statistics='sketch'")
+        if self.convergence_criterion not in CRITERIA:
+            raise ValueError(f"Method {self.name!r}: convergence_criterion must be one of {CRITERIA}, got "
+                             f"{self.convergence_criterion!r}")
+        if isinstance(self.drift_sample, bool) or not isinstance(self.drift_sample, int) or self.drift_sample < 0:
+            raise ValueError(f"Method {self.name!r}: drift_sample must be an int >= 0, got {self.drift_sample!r}")
 
     @property
     def uses_reference(self) -> bool:
@@ -159,10 +192,17 @@ _PAPER = dict(projection=True, layers=_PAPER_LAYERS, normalize="frobenius", visu
               stats_batch_size=16)
 _OURS = dict(projection=True, mode="update", normalize="mean")
 
+_UPDATE = dict(cd_weight=1.0, map_weight=0.75, layers=_OUR_LAYERS, **_OURS)
+#: the tiny CLIP's protected statistics are 129 (visual.proj's 128 inputs and c_fc's, plus the constant column)
+#: and 513 (c_proj) wide: a 64-row sketch of every one of them keeps 50% / 12.5% of the width
+_SKETCH = dict(statistics="sketch", sketch_rank=64, sketch_min_width=128)
+
 #: Named presets. ``gnsp*`` without a suffix = the public code's choices (grad projection + AdamW, rho 0.15,
-#: the Frobenius accumulation with ``visual.proj``'s renormalised history, statistics batch 16);
-#: ``/update`` and ``/all`` are ours; ``/noproj``, ``finetune/visual`` and ``/ls0`` (MAP without label
-#: smoothing) are ablations.
+#: the Frobenius accumulation with ``visual.proj``'s renormalised history, statistics batch 16, one full
+#: exact statistics pass); ``/update`` and ``/all`` are ours; ``/update/sketch`` (bounded statistics memory:
+#: a 64-row frequent-directions sketch of every protected input) and ``/update/early`` (the statistics pass
+#: stops once the protected subspaces stopped changing) are ``/update`` with issue 14's options;
+#: ``/noproj``, ``finetune/visual`` and ``/ls0`` (MAP without label smoothing) are ablations.
 METHODS: dict[str, Method] = {
     "zeroshot": Method("zeroshot", train=False),
     "finetune": Method("finetune"),
@@ -181,6 +221,8 @@ METHODS: dict[str, Method] = {
     "gnsp+cd+map/update": Method("gnsp+cd+map/update", cd_weight=1.0, map_weight=0.75, layers=_OUR_LAYERS,
                                  **_OURS),
     "gnsp+cd+map/all": Method("gnsp+cd+map/all", cd_weight=1.0, map_weight=0.75, layers=None, **_OURS),
+    "gnsp+cd+map/update/sketch": Method("gnsp+cd+map/update/sketch", **_UPDATE, **_SKETCH),
+    "gnsp+cd+map/update/early": Method("gnsp+cd+map/update/early", stop_when_converged=True, **_UPDATE),
 }
 
 
@@ -435,7 +477,9 @@ def _make_optimizer(model, method: Method, lr: float) -> NullSpaceOptimizer:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="GNSP: .* not covered")
         return NullSpaceOptimizer(base, model, rho=method.rho, mode=method.mode, protect=protect,
-                                  feature_sources=srcs, normalize=method.normalize, uncovered="freeze")
+                                  feature_sources=srcs, normalize=method.normalize, uncovered="freeze",
+                                  statistics=method.statistics, sketch_rank=method.sketch_rank,
+                                  sketch_min_width=method.sketch_min_width)
 
 
 def _renormalise_visual_proj_history(opt: NullSpaceOptimizer) -> None:
@@ -461,29 +505,150 @@ def _statistics_forward(model, item) -> None:
         model.encode_text(x)
 
 
-def _statistics_inputs(tokenizer, task: ContinualTask, method: Method, device, workers: int):
-    """What the statistics pass feeds the model: the task's training images (this rank's share, batches of
-    ``stats_batch_size``), and when the preset trains the text tower, every template x class prompt (first:
-    then both towers have run by the second image batch, where the outside-use check stops watching)."""
-    if method.layers is None or any(not p.startswith("visual.") for p in method.layers):
-        prompts = [t.format(c) for t in task.templates for c in task.classnames]
-        yield "text", tokenizer(prompts).to(device)
+def _statistics_images(task: ContinualTask, method: Method, device, workers: int):
+    """The task's training images, this rank's share, in batches of ``stats_batch_size``."""
     for x, _ in _batches(task.train, method.stats_batch_size, shuffle=False, seed=0, workers=workers, shard=True):
         yield "image", x.to(device)
 
 
+def _statistics_texts(tokenizer, task: ContinualTask, method: Method, device):
+    """When the preset trains the text tower: every template x class prompt (one batch)."""
+    if method.layers is None or any(not p.startswith("visual.") for p in method.layers):
+        prompts = [t.format(c) for t in task.templates for c in task.classnames]
+        yield "text", tokenizer(prompts).to(device)
+
+
+def _statistics_inputs(tokenizer, task: ContinualTask, method: Method, device, workers: int):
+    """What the statistics pass feeds the model: when the preset trains the text tower, every template x class
+    prompt (first: then both towers have run by the second image batch, where the outside-use check stops
+    watching), and the task's training images (this rank's share, batches of ``stats_batch_size``)."""
+    yield from _statistics_texts(tokenizer, task, method, device)
+    yield from _statistics_images(task, method, device, workers)
+
+
+def _collect_until_converged(opt, model, tokenizer, task: ContinualTask, method: Method, device, workers: int,
+                             count: Callable) -> dict[str, Any]:
+    """The early-stopping pass: images until the optimizer's ``ConvergenceMonitor`` says the protected subspaces
+    stopped changing (every rank calls it once per batch, so all stop together), then the text prompts."""
+    options = dict(every=method.convergence_every, tol=method.convergence_tol,
+                   patience=method.convergence_patience, criterion=method.convergence_criterion)
+    was_training = model.training
+    model.eval()
+    exhausted = True
+    try:
+        with opt.collect(stop_when_converged=options), torch.no_grad():
+            for item in _statistics_images(task, method, device, workers):
+                count(model, item)
+                if opt.collection_converged(len(item[1])):
+                    exhausted = False
+                    break
+            for item in _statistics_texts(tokenizer, task, method, device):
+                count(model, item)
+    finally:
+        model.train(was_training)
+    return {**opt.convergence.report(), "exhausted": exhausted}
+
+
+def _tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _collecting_bytes(stat) -> int:
+    """What a block's statistic holds while a task is being collected (memory plus the task's buffer)."""
+    return _tensor_bytes(stat.memory, getattr(stat, "task_sum", None), getattr(stat, "buffer", None))
+
+
+@dataclass
+class _PassLog:
+    """What the statistics passes of one optimizer recorded (kept beside it, not in its state)."""
+
+    passes: dict[int, dict[str, Any]]
+    drift: ProtectionMonitor | None
+
+
+_PASS_LOGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pass_log(opt, model, method: Method) -> _PassLog:
+    if opt not in _PASS_LOGS:
+        mon = None
+        if method.drift_sample:
+            mon = ProtectionMonitor(model, every=1, tol=math.inf, sample=method.drift_sample,
+                                    forward=lambda m, x: m.encode_image(x), warn=False)
+        _PASS_LOGS[opt] = _PassLog({}, mon)
+    return _PASS_LOGS[opt]
+
+
 def _gather_statistics(model, tokenizer, task: ContinualTask, method: Method, opt, device, workers: int):
-    """After a task: the statistics pass over its training data, then ``end_task()`` (the integrations' loop)."""
+    """After a task: the statistics pass over its training data, then ``end_task()`` (the integrations' loop).
+
+    A full pass by default; ``method.stop_when_converged``: until the protected subspaces stopped changing.
+    What it used and cost (samples, seconds of the pass and of ``end_task``, bytes of the statistics, and the
+    drift of earlier tasks' image features so far) is kept for :func:`_statistics_record`.
+    """
     if opt is None:
         opt = _make_optimizer(model, method, 1.0)
     if method.visual_proj_history == "renormalise" and opt.tasks_seen > 0:
         _renormalise_visual_proj_history(opt)
+    log = _pass_log(opt, model, method)
+    fed = {"image": 0, "text": 0}
+
+    def count(model, item) -> None:
+        fed[item[0]] += len(item[1])
+        _statistics_forward(model, item)
+
+    rank, world = dist_info()
+    rec: dict[str, Any] = {"task": task.name, "samples_full": len(range(rank, len(task.train), world)),
+                           "stopped_early": False}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="GNSP: .* not covered")
-        collect_batches(opt, model, _statistics_inputs(tokenizer, task, method, device, workers),
-                        _statistics_forward)
+        t0 = time.perf_counter()
+        if method.stop_when_converged:
+            rec["convergence"] = _collect_until_converged(opt, model, tokenizer, task, method, device, workers,
+                                                          count)
+            rec["stopped_early"] = not rec["convergence"]["exhausted"]
+        else:
+            collect_batches(opt, model, _statistics_inputs(tokenizer, task, method, device, workers), count)
+        t1 = time.perf_counter()
+        collecting = sum(_collecting_bytes(b.stat) for b in opt.blocks)
         opt.end_task()
+        t2 = time.perf_counter()
+    rec.update(samples=fed["image"], text_samples=fed["text"], collect_seconds=t1 - t0, end_task_seconds=t2 - t1,
+               memory_bytes=sum(_tensor_bytes(b.stat.memory) for b in opt.blocks), collecting_bytes=collecting,
+               sketched={b.name: [b.stat.rank, b.stat.dim + 1] for b in opt.blocks if hasattr(b.stat, "rank")},
+               kept_rank={r["layer"]: r["kept_rank"] for r in opt.report()})
+    if log.drift is not None:
+        rec["drift"] = log.drift.check()  # earlier tasks' image features now against when each ended
+        probe = next(iter(_batches(task.test, method.drift_sample, shuffle=False, seed=0)))[0].to(device)
+        log.drift.add_task(probe, name=task.name)
+    rec["after_task"] = opt.tasks_seen - 1  # a resumed optimizer has seen one task per earlier pass
+    log.passes[rec["after_task"]] = rec
     return opt
+
+
+def _statistics_record(opt, task_index: int) -> dict[str, Any]:
+    """``{"statistics": ...}`` of the pass that followed task ``task_index`` (empty when there was none)."""
+    log = _PASS_LOGS.get(opt) if opt is not None else None
+    if log is None:
+        return {}
+    rec = log.passes.get(task_index)
+    return {} if rec is None else {"statistics": rec}
+
+
+def _statistics_summary(opt) -> dict[str, Any] | None:
+    """For ``results.json``: every pass this optimizer ran (in this process: a resumed run has the passes after
+    the resume here, every pass in ``log.jsonl``) and the final drift of each remembered task's image features."""
+    log = _PASS_LOGS.get(opt) if opt is not None else None
+    if log is None:
+        return None
+    passes = [log.passes[k] for k in sorted(log.passes)]
+    final = log.drift.check() if log.drift is not None and log.drift.tasks else {}
+    return {"passes": passes, "final_drift": final,
+            "samples": sum(p["samples"] for p in passes), "samples_full": sum(p["samples_full"] for p in passes),
+            "collect_seconds": sum(p["collect_seconds"] for p in passes),
+            "end_task_seconds": sum(p["end_task_seconds"] for p in passes),
+            "memory_bytes": passes[-1]["memory_bytes"] if passes else 0,
+            "collecting_bytes": max((p["collecting_bytes"] for p in passes), default=0)}
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -573,7 +738,8 @@ def run_continual(
         matrix.append(row)
         if method.projection and method.train and i < len(tasks) - 1:
             opt = _gather_statistics(model, tokenizer, task, method, opt, device, config.workers)
-        record = {"task": i, "name": task.name, "accuracy": row, "train_seconds": seconds[-1], **align[-1]}
+        record = {"task": i, "name": task.name, "accuracy": row, "train_seconds": seconds[-1], **align[-1],
+                  **_statistics_record(opt, i)}
         if out_dir and (is_main or config.fsdp):  # under FSDP2 both state dicts are collectives: every rank
             model_sd = _model_state(model, config.fsdp)
             opt_sd = None if opt is None else opt.state_dict()
@@ -588,7 +754,8 @@ def run_continual(
     metrics = continual_metrics(torch.tensor(matrix)) if len(matrix) > 1 else {
         "transfer": float("nan"), "average": matrix[0][0], "last": matrix[0][0]}
     result = {"method": method.name, "seed": config.seed, "matrix": matrix, **metrics, "alignment": align,
-              "train_seconds": sum(seconds), "wall_seconds": time.time() - t0, "config": asdict(method)}
+              "train_seconds": sum(seconds), "wall_seconds": time.time() - t0, "config": asdict(method),
+              "statistics": _statistics_summary(opt)}
     if out_dir and is_main:
         atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(result, indent=2))
     return result
