@@ -8,8 +8,8 @@ animal-mnist silhouettes) by every method, with 3 fine-tuning seeds, in two work
 With ``--data-root DIR --clip PATH``: the real MTIL protocol (11 datasets, Order I or II).
 ``--check-data`` only reports which datasets are present.
 
-    python benchmarks/mtil_clip.py                   # offline default (about 10 min on 2 CPU cores)
-    python benchmarks/mtil_clip.py --quick           # the same pipeline, reduced (a smoke test, < 1 min)
+    python benchmarks/mtil_clip.py                   # offline default (693 s measured on 2 idle CPU cores)
+    python benchmarks/mtil_clip.py --quick           # the same pipeline, reduced (a smoke test, 35 s)
     python benchmarks/mtil_clip.py --pretrain        # remake the tiny CLIP checkpoint (and its record)
     python benchmarks/mtil_clip.py --merge a/results.json,b/results.json --out merged   # one table of both
     python benchmarks/mtil_clip.py --data-root /data --check-data
