@@ -31,7 +31,9 @@ def test_quick_offline_run_writes_every_output_in_the_contract(tmp_path):
     assert set(res["methods"]) == set(methods.split(","))
     t = len(res["tasks"])
     assert t == 7 and all(set(x) == {"name", "n_test", "chance"} for x in res["tasks"])
-    assert res["tasks"][1] == {"name": "digits", "n_test": 60, "chance": 10.0}
+    from gnsp_optim.reference.experiment import QUICK
+
+    assert res["tasks"][1] == {"name": "digits", "n_test": QUICK["n_test"], "chance": 10.0}
     for name, m in res["methods"].items():
         seeds = m["seeds"]
         assert [s["seed"] for s in seeds] == [1, 2]
