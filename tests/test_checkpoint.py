@@ -10,6 +10,17 @@ from torch import nn
 from gnsp_optim import NullSpaceOptimizer
 
 
+def reload_into(fresh, model, opt):
+    """Save model and optimizer through bytes (weights_only), load them into a ``fresh()`` pair."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_c, opt_c = fresh()
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    return model_c, opt_c
+
 def run_tasks(opt, model, tasks, steps):
     for x, y in tasks:
         for _ in range(steps):
@@ -41,13 +52,7 @@ def test_resume_equals_uninterrupted_run(mode, opt_name):
 
     model_b, opt_b = fresh()
     run_tasks(opt_b, model_b, tasks[:2], 5)
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = fresh()
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
+    model_c, opt_c = reload_into(fresh, model_b, opt_b)
     assert opt_c.tasks_seen == 2
     run_tasks(opt_c, model_c, tasks[2:], 5)
 
@@ -92,13 +97,7 @@ def test_resume_keeps_uncovered_parameters_frozen(mode, opt_name):
     model_b, opt_b = fresh()
     with pytest.warns(UserWarning, match="frozen"):
         run_tasks(opt_b, model_b, tasks[:2], 5)
-    buf = io.BytesIO()
-    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    model_c, opt_c = fresh()
-    model_c.load_state_dict(ckpt["model"])
-    opt_c.load_state_dict(ckpt["opt"])
+    model_c, opt_c = reload_into(fresh, model_b, opt_b)
     assert sorted(opt_c.frozen) == ["1.bias", "1.weight"] == sorted(opt_b.frozen)
     saved = {n: p.detach().clone() for n, p in model_c[1].named_parameters()}
     moved = {n: p.detach().clone() for n, p in model_c.named_parameters()}
