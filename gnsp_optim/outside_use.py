@@ -61,9 +61,16 @@ METADATA = frozenset({"__get__", "size", "dim", "numel", "ndimension", "nelement
                       "is_shared", "is_pinned", "has_names", "__setstate__", "__reduce_ex__"})
 
 
+#: Tensor properties that return a view of the values (``h @ emb.weight.T``): a use, named by the property.
+VALUE_VIEWS = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+
+
 def _op_name(func: Any) -> str:
     name = getattr(func, "__name__", None) or repr(func)
-    return "__get__" if name == "__get__" else name
+    if name == "__get__":  # a property read: metadata (.shape, .grad, ...) unless it views the values
+        prop = getattr(getattr(func, "__self__", None), "__name__", None)
+        return prop if prop in VALUE_VIEWS else "__get__"
+    return name
 
 
 class OutsideUseDetector(TorchFunctionMode):
@@ -76,10 +83,10 @@ class OutsideUseDetector(TorchFunctionMode):
         max_ops: how many distinct op names to keep per parameter.
         first_calls: stop watching after this many completed calls of ``model`` itself (``None``: watch
             until the ``with`` block ends). A loop that never calls ``model`` itself (CLIP's
-            ``encode_image`` / ``encode_text``) is bounded too: the mode also leaves when, with no owning
-            module inside its ``forward``, an owning module is entered again after every owning module has
-            finished ``first_calls`` calls (the code path has started over). The mode leaves only when it is
-            the innermost one.
+            ``encode_image`` / ``encode_text``) is bounded too: the mode also leaves when, outside
+            ``model``'s own ``forward`` and with no owning module inside its ``forward``, the first owning
+            module entered is entered again after every owning module has finished ``first_calls`` calls
+            (the code path has started over). The mode leaves only when it is the innermost one.
 
     After the ``with`` block, ``outside`` maps each parameter used outside to the op names seen (in order of
     first use); :meth:`warn` emits one ``UserWarning`` naming them (what ``collect()`` will do once wired).
@@ -91,6 +98,7 @@ class OutsideUseDetector(TorchFunctionMode):
                  max_ops: int = 4, first_calls: int | None = None) -> None:
         super().__init__()
         self._model, self.first_calls, self._calls, self._active = model, first_calls, 0, False
+        self._in_root, self._first = 0, None  # model.forward call depth; the first owner entered at top level
         params = dict(model.named_parameters(remove_duplicate=False))
         modules = dict(model.named_modules(remove_duplicate=False))
         explicit = dict(names) if isinstance(names, Mapping) else None
@@ -128,10 +136,14 @@ class OutsideUseDetector(TorchFunctionMode):
 
     # module-call tracking ------------------------------------------------------------------------------
     def _enter(self, mod: nn.Module, *_: Any) -> None:
-        if (self._active and self.first_calls is not None and not self._inside
-                and self._finished.get(id(mod), 0) >= self.first_calls
+        if not self._inside and self._first is None:
+            self._first = id(mod)
+        if (self._active and self.first_calls is not None and not self._inside and not self._in_root
+                and id(mod) == self._first and self._finished.get(id(mod), 0) >= self.first_calls
                 and all(self._finished.get(i, 0) >= self.first_calls for i in self._owner_modules)):
-            self._leave_mode()  # every owner has run and one starts again: the code path repeats
+            # every owner has run and the first one starts again: the code path repeats (inside the model's
+            # own forward an owner may run many times, a recurrent cell or a shared layer: its hook decides)
+            self._leave_mode()
         self._inside[id(mod)] = self._inside.get(id(mod), 0) + 1
 
     def _leave(self, mod: nn.Module, *_: Any) -> None:
@@ -142,7 +154,11 @@ class OutsideUseDetector(TorchFunctionMode):
         else:
             self._inside[id(mod)] = depth
 
+    def _root_start(self, *_: Any) -> None:
+        self._in_root += 1
+
     def _root_done(self, *_: Any) -> None:
+        self._in_root = max(self._in_root - 1, 0)
         self._calls += 1
         if self._active and self.first_calls is not None and self._calls >= self.first_calls:
             self._leave_mode()
@@ -162,8 +178,9 @@ class OutsideUseDetector(TorchFunctionMode):
         self.outside = {}
         self._inside.clear()
         self._finished.clear()
-        self._calls, self._active = 0, True
+        self._calls, self._active, self._in_root, self._first = 0, True, 0, None
         if self.first_calls is not None:
+            self._handles.append(self._model.register_forward_pre_hook(self._root_start))
             self._handles.append(self._model.register_forward_hook(self._root_done, always_call=True))
         for mod in self._owner_modules.values():
             self._handles.append(mod.register_forward_pre_hook(self._enter))

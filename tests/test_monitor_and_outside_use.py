@@ -215,3 +215,98 @@ def test_detector_depth_is_popped_when_forward_raises():
             fc(torch.randn(1, 3))  # shape error inside fc's forward
         _ = fc.weight * 2  # after the failed call, fc is not "inside" any more
     assert det.outside == {"weight": ["mul"]}
+
+
+class TiedRNNLM(nn.Module):
+    """A char-RNN whose cell runs once per time step and whose output layer reuses the embedding outside it."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.emb, self.ih, self.hh, self.head = nn.Embedding(7, 4), nn.Linear(4, 4), nn.Linear(4, 4), head
+
+    def forward(self, t):
+        x = self.emb(t)
+        h = torch.zeros(t.shape[0], 4)
+        for i in range(t.shape[1]):  # ih and hh are entered again at step 2, after every owner has run once
+            h = torch.tanh(self.ih(x[:, i]) + self.hh(h))
+        return self.head(h, self.emb.weight)  # the tied head: emb.weight used outside emb, after the loop
+
+
+@pytest.mark.parametrize("head,op", [(lambda h, w: F.linear(h, w), "linear"), (lambda h, w: h @ w.T, "T"),
+                                     (lambda h, w: h @ w.mT, "mT")])
+def test_collect_warns_on_a_use_after_an_owner_runs_again_inside_forward(head, op):
+    """first_calls bounds the watch by the model's own call: owners re-entered inside its forward (a recurrent
+    cell, a shared layer) do not end it early, and a ``.T`` / ``.mT`` view of the weight is a use."""
+    torch.manual_seed(0)
+    model = TiedRNNLM(head)
+    t = torch.randint(0, 7, (2, 3))
+    with torch.no_grad(), OutsideUseDetector(model, ["emb.weight", "ih.weight", "hh.weight"], first_calls=1) as det:
+        model(t)
+        assert not det.active  # the first model call ended the watch
+    assert det.outside == {"emb.weight": [op]}
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.warns(UserWarning, match=rf"'emb\.weight' \(by {op}\)"):
+        with opt.collect(), torch.no_grad():
+            for _ in range(2):
+                model(t)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_encode_loop_watch_is_not_ended_by_an_owner_run_twice_in_one_call():
+    """Without a model call, only the first owner entered starting again ends the watch (a method that runs
+    one owner twice before its outside use is watched to the end)."""
+    model = TiedRNNLM(lambda h, w: F.linear(h, w))
+    t = torch.randint(0, 7, (2, 3))
+    with torch.no_grad(), OutsideUseDetector(model, ["emb.weight", "ih.weight", "hh.weight"], first_calls=1) as det:
+        model.forward.__func__(model, t)  # the forward code, not through model.__call__ (like encode_text)
+        assert det.active
+        model.forward.__func__(model, t)  # emb, the first owner, starts again: the mode leaves
+        assert not det.active and torch._C._len_torch_function_stack() == 0
+    assert det.outside == {"emb.weight": ["linear"]}
+
+
+class UserMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_early_leave_keeps_the_torch_function_mode_stack_intact():
+    """Leaving from a pre-hook: never while a user's mode is innermost (it leaves at the next chance), and a
+    raise inside forward or the end of the block after the mode is gone pop nothing else."""
+    model = TiedRNNLM(lambda h, w: F.linear(h, w))
+    t = torch.randint(0, 7, (2, 3))
+    names = ["emb.weight", "ih.weight", "hh.weight"]
+    with UserMode():
+        with torch.no_grad(), OutsideUseDetector(model, names, first_calls=1) as det:
+            with UserMode():
+                model(t)
+                assert det.active and torch._C._len_torch_function_stack() == 3  # the user's mode is on top
+            model.emb(t)
+            assert not det.active and torch._C._len_torch_function_stack() == 1  # left at the next entry
+        assert torch._C._len_torch_function_stack() == 1  # the outer user mode is still there
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), OutsideUseDetector(model, names, first_calls=1) as det:
+            model(t)
+            raise RuntimeError("boom")
+    assert torch._C._len_torch_function_stack() == 0 and det.outside == {"emb.weight": ["linear"]}
+
+
+class SharedLayer(nn.Module):
+    """One layer applied three times (ALBERT-style sharing), its weight reused once more after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(3):  # the only owner, and the first one entered, starts again inside forward
+            x = torch.tanh(self.cell(x))
+        return F.linear(x, self.cell.weight)
+
+
+def test_watch_spans_the_whole_first_model_call_when_its_first_owner_repeats():
+    model = SharedLayer()
+    with torch.no_grad(), OutsideUseDetector(model, ["cell.weight"], first_calls=1) as det:
+        model(torch.randn(2, 4))
+        model(torch.randn(2, 4))
+    assert det.outside == {"cell.weight": ["linear"]}
