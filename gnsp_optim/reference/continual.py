@@ -519,11 +519,17 @@ def _statistics_texts(tokenizer, task: ContinualTask, method: Method, device):
 
 
 def _statistics_inputs(tokenizer, task: ContinualTask, method: Method, device, workers: int):
-    """What the statistics pass feeds the model: when the preset trains the text tower, every template x class
-    prompt (first: then both towers have run by the second image batch, where the outside-use check stops
-    watching), and the task's training images (this rank's share, batches of ``stats_batch_size``)."""
+    """What the statistics pass feeds the model: the task's training images (this rank's share, batches of
+    ``stats_batch_size``) and, when the preset trains the text tower, every template x class prompt, fed right
+    after the first image batch: then both towers have run when the second image batch starts the image path
+    over, where the outside-use check stops watching (each block's statistic sees its inputs in the same
+    order either way)."""
+    images = _statistics_images(task, method, device, workers)
+    first = next(images, None)
+    if first is not None:
+        yield first
     yield from _statistics_texts(tokenizer, task, method, device)
-    yield from _statistics_images(task, method, device, workers)
+    yield from images
 
 
 def _collect_until_converged(opt, model, tokenizer, task: ContinualTask, method: Method, device, workers: int,
