@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gnsp_optim import NullSpaceOptimizer
@@ -62,6 +65,19 @@ def train(opt, model, x, y, steps: int) -> tuple[float, float]:
     with torch.no_grad():
         last = (model(x) - y).square().mean().item()
     return first, last
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, tmp: str, world: int):
+    """Inside a spawned worker: one torch thread, warnings off, join the gloo group (file rendezvous in
+    ``tmp``); the group is destroyed on the way out, also after an error."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def spawn_ranks(worker: Callable[[int, str], None], tmp: Path, world: int) -> list[dict]:

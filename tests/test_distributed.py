@@ -15,13 +15,13 @@ protects in a single process (and the single-process checkpoint loaded under DDP
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import gloo_rank, spawn_ranks
 from torch import nn
 
 from gnsp_optim import NullSpaceOptimizer
@@ -86,10 +86,7 @@ def train_steps(ddp_or_model: nn.Module, opt, seed: int, steps: int) -> None:
 
 # ---------------------------------------------------------------------------------------- the ranks
 def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(rank, tmp, WORLD):
         single = torch.load(f"{tmp}/single.pt", weights_only=False)
         model = make_model()
         model.load_state_dict(single["model"])
@@ -126,8 +123,6 @@ def _worker(rank: int, tmp: str) -> None:
                     "weights_at_collect": weights_at_collect, "tasks_seen": opt.tasks_seen,
                     "block_names": [b.name for b in opt.blocks]}, f"{tmp}/rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +137,7 @@ def run(tmp_path_factory):
         model(task0())
     opt.end_task()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp / "single.pt")
-    env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)}
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        torch.multiprocessing.spawn(_worker, args=(str(tmp),), nprocs=WORLD, join=True)
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = spawn_ranks(_worker, tmp, WORLD)
     return {"tmp": Path(tmp), "results": results, "weights_task0": weights_task0}
 
 

@@ -13,12 +13,11 @@ difference and that the projections did something.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import gloo_rank, spawn_ranks
 from torch import nn
 
 from gnsp_optim.fsdp import project_left_sharded_, project_rows_sharded_, row_shard
@@ -273,10 +272,7 @@ def _sketch_and_monitor(rank: int, layout: dict) -> dict:
 
 
 def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(rank, tmp, WORLD):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -297,8 +293,6 @@ def _worker(rank: int, tmp: str) -> None:
         torch.save({"diffs": diffs, "moved": moved, "layout": layout, "plain_state_dict": plain,
                     "forms": {n: p.form for n, p in projs.items()}, "sketch": sketch_out}, f"{tmp}/rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -29,12 +29,11 @@ projectors bitwise equal), while SGD keeps them within 1e-15.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import gloo_rank, spawn_ranks
 from torch import nn
 
 from gnsp_optim import FeatureSource, NullSpaceOptimizer
@@ -326,10 +325,7 @@ def embedding_slices(mesh) -> list[tuple[int, int, int, float, int]]:
 
 
 def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(rank, tmp, WORLD):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -337,8 +333,6 @@ def _worker(rank: int, tmp: str) -> None:
         results["embedding_slices"] = embedding_slices(mesh)
         torch.save(results, f"{tmp}/rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ killed during the second task's evaluation and resumed from the checkpoint writt
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from gnsp_optim.reference.pretrain import CaptionedImages, TensorImageDataset
 from gnsp_optim.reference.tokenizer import WordTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers
-from helpers import spawn_ranks  # noqa: E402
+from helpers import gloo_rank, spawn_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -73,10 +72,7 @@ def run(name: str, fsdp: bool, out_dir: str | None = None, resume: bool = False)
 
 
 def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_rank(rank, tmp, WORLD):
         out: dict = {}
         w_full = None
         for name in NAMES:
@@ -112,8 +108,6 @@ def _worker(rank: int, tmp: str) -> None:
                          "weights": max(float((w_full[k] - w_resumed[k]).abs().max()) for k in w_full)}
         torch.save(out, f"{tmp}/rank{rank}.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
