@@ -9,11 +9,9 @@ Example:
 """
 
 from .classnames import CLASSNAMES, clean_classname
-from .facts import DATASETS, DatasetFacts
-from .imagenet import ReferenceSet, caption_for, check_imagenet, imagenet_reference_set, read_synset_mapping
-from .images import CLIP_MEAN, CLIP_STD, CLIPImageTransform, load_image
-from .mtil import (
+from .facts import (
     DATASET_FOLDERS,
+    DATASETS,
     DISPLAY_NAMES,
     MTIL_DATASETS,
     MTIL_ORDER_I,
@@ -21,16 +19,13 @@ from .mtil import (
     NUM_CLASSES,
     SPLIT_SEED,
     TRAIN_FRACTION,
-    ArraySamples,
-    DataLayoutError,
-    DataStatus,
-    MTILDataset,
-    check_data,
-    format_check_report,
-    load_mtil_dataset,
-    split_indices,
+    DatasetFacts,
 )
+from .imagenet import ReferenceSet, caption_for, check_imagenet, imagenet_reference_set, read_synset_mapping
+from .images import CLIP_MEAN, CLIP_STD, CLIPImageTransform, load_image
+from .mtil import check_data, format_check_report, load_mtil_dataset, split_indices
 from .templates import TEMPLATES, format_prompts, train_prompt
+from .types import ArraySamples, DataLayoutError, DataStatus, MTILDataset
 
 __all__ = [
     "CLASSNAMES",
