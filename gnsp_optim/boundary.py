@@ -132,6 +132,37 @@ class RunningStatsFreeze:
 
 
 # ------------------------------------------------------------------------------------ refusals
+def active_dropout(model: nn.Module) -> list[str]:
+    """Names of the modules that would drop activations in a forward now: ``nn.Dropout*`` /
+    ``nn.AlphaDropout`` with ``p > 0`` and ``nn.MultiheadAttention`` with ``dropout > 0``, in training mode.
+
+    Example:
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+        >>> active_dropout(m), active_dropout(m.eval())
+        (['1'], [])
+    """
+    out = []
+    for name, mod in model.named_modules():
+        if not mod.training:
+            continue
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
+            out.append(name)
+        elif isinstance(mod, nn.MultiheadAttention) and mod.dropout > 0:
+            out.append(name)
+    return out
+
+
+def warn_if_dropout_active(model: nn.Module) -> None:
+    """``collect()`` in training mode with dropout on records a random sample of the inputs, not the inputs
+    evaluation (or an old task's use) sees: warn naming the modules."""
+    names = active_dropout(model)
+    if names:
+        shown = names[:5] + ([f"... ({len(names) - 5} more)"] if len(names) > 5 else [])
+        warnings.warn(f"GNSP: collect() with dropout active in training mode ({shown}): the statistics record "
+                      "randomly dropped inputs, so the inputs of eval-mode calls are not protected exactly; call "
+                      "model.eval() before collect()", UserWarning, stacklevel=4)
+
+
 def check_not_meta(model: nn.Module) -> None:
     """Raise ``ValueError`` naming the first parameter or buffer on the ``meta`` device.
 

@@ -36,7 +36,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .boundary import RUNNING_STATS, RunningStatsFreeze, check_no_dora, check_not_meta, to_float64_
+from .boundary import (
+    RUNNING_STATS,
+    RunningStatsFreeze,
+    check_no_dora,
+    check_not_meta,
+    to_float64_,
+    warn_if_dropout_active,
+)
 from .checkpoint import (
     FORMAT_VERSION,
     base_state_dict,
@@ -484,6 +491,7 @@ class NullSpaceOptimizer(torch.optim.Optimizer):
             raise RuntimeError("collect(): the hooks were removed (remove_hooks()); build a new wrapper to collect")
         self._check_same_parameters()
         self._follow_model_dtype()
+        warn_if_dropout_active(self.model)
         self.convergence = self._convergence_monitor(stop_when_converged)
         gen = torch.Generator().manual_seed(seed)
         for b in self.blocks:

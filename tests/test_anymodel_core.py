@@ -379,3 +379,16 @@ def test_embedding_padding_row_is_held_under_weight_decay():
         opt.step()
     assert torch.allclose(model(old), before, atol=1e-12)
     assert not torch.equal(emb.weight[1], torch.zeros(4, dtype=torch.float64))
+
+
+def test_collect_in_training_mode_with_dropout_warns_naming_the_modules():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 2)).double()
+    opt = NullSpaceOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model)
+    with pytest.warns(UserWarning, match=r"dropout active in training mode \(\['1'\]\).*model\.eval\(\)"):
+        with opt.collect(), torch.no_grad():
+            model(torch.randn(3, 4, dtype=torch.float64))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.collect(), torch.no_grad():  # eval mode: no warning
+            model(torch.randn(3, 4, dtype=torch.float64))
